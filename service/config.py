@@ -1,0 +1,90 @@
+"""Settings of a casledger process: a frozen dataclass, read from ``CASLEDGER_*`` variables.
+
+Every setting has an environment variable named after it (``db`` -> ``CASLEDGER_DB``,
+``grpc_listen`` -> ``CASLEDGER_GRPC_LISTEN``, ...); command-line flags override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .storage import Durability, StoreOptions
+
+ENV_PREFIX = "CASLEDGER_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value casledger cannot use; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    db: str = "sqlite:///./casledger.db"
+    grpc_listen: str = "127.0.0.1:50051"
+    http_listen: str = "127.0.0.1:8080"
+    no_http: bool = False
+    max_content_bytes: int = 1 << 20
+    durability: Durability = Durability.FULL
+    request_id_ttl_s: int = 24 * 3600
+    watch_queue: int = 1024
+    shutdown_grace_s: float = 10.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_content_bytes <= 64 << 20:
+            raise SettingsError("max_content_bytes must be between 1 and 67108864")
+        if self.request_id_ttl_s < 24 * 3600:
+            raise SettingsError("request_id_ttl_s must be at least 86400 (24 hours)")
+        if self.watch_queue < 16:
+            raise SettingsError("watch_queue must be at least 16")
+        if self.shutdown_grace_s < 0:
+            raise SettingsError("shutdown_grace_s must not be negative")
+        for name in ("grpc_listen", "http_listen"):
+            host, sep, port = getattr(self, name).rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise SettingsError(f"{name} must be HOST:PORT, not {getattr(self, name)!r}")
+
+    @property
+    def store_options(self) -> StoreOptions:
+        return StoreOptions(
+            max_content_bytes=self.max_content_bytes, durability=self.durability,
+            request_id_ttl_s=self.request_id_ttl_s, watch_queue=self.watch_queue,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Settings from ``CASLEDGER_*`` variables, then `overrides` (None = not given)."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = parse(field.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def parse(name: str, raw: str) -> Any:
+    """Convert a textual setting (environment or flag) to the field's type."""
+    default = getattr(Settings, name)
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, Durability):
+            return Durability(raw.lower())
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{ENV_PREFIX}{name.upper()} / --{name.replace('_', '-')}: cannot use {raw!r}"
+        ) from None
+    return raw

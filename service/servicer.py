@@ -1,0 +1,297 @@
+"""The gRPC servicer: requests in, domain calls, resources out; domain errors -> gRPC status.
+
+Every ``LedgerError`` leaves this module as a gRPC status whose details carry a
+``google.rpc.ErrorInfo`` (domain ``casledger.dev``) with the error's reason and metadata; the code
+comes from :data:`GRPC_CODES`, the one table for this boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from . import content as content_rules
+from . import errors, model
+from . import patch as patch_rules
+from .api.casledger.v1 import ledger_pb2 as pb
+from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
+from .storage import Store
+from .watch import watch
+
+ERROR_DOMAIN = "casledger.dev"
+
+# Most specific first is not needed: every concrete error class is listed (a test checks it).
+GRPC_CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidName: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidContent: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidPageToken: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidPrecondition: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidPatch: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnsupportedPatchType: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnknownField: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ContentTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.IdempotencyKeyReused: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.PreconditionRequired: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.VersionMismatch: grpc.StatusCode.ABORTED,
+    errors.ModifiedSince: grpc.StatusCode.ABORTED,
+    errors.ResourceAlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ResourceNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PatchConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_code(error: errors.LedgerError) -> grpc.StatusCode:
+    return GRPC_CODES.get(type(error), grpc.StatusCode.INTERNAL)
+
+
+def to_status(error: errors.LedgerError) -> grpc.Status:
+    """The gRPC status of a domain error, ErrorInfo in its details."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata()
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    code = grpc_code(error)
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+def timestamp(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000)
+
+
+def to_resource(v: model.Version, *, content: bool = True) -> pb.Resource:
+    return pb.Resource(
+        name=v.name, version=v.version, revision=v.revision,
+        content=v.content if content else b"", content_type=v.content_type,
+        create_time=timestamp(v.create_time_us), update_time=timestamp(v.update_time_us),
+        deleted=v.deleted, etag=v.etag, actor=v.actor, reason=v.reason, hash=v.hash.hex(),
+        previous_hash=v.previous_hash.hex(), ledger_previous_hash=v.ledger_previous_hash.hex(),
+        size_bytes=v.size,
+    )
+
+
+def reject_unknown_fields(message: Message, path: str = "") -> None:
+    """Unknown fields mean a client speaks a contract this server does not: refuse, loudly."""
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        where = f" in {path}" if path else ""
+        raise errors.UnknownField(
+            f"unknown field number {unknown[0].field_number}{where}: this server does not "
+            "understand it", field=path or "request",
+        )
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        child = f"{path}.{descriptor.name}" if path else descriptor.name
+        items = value if descriptor.is_repeated else [value]
+        for item in items:
+            if isinstance(item, Message):
+                reject_unknown_fields(item, child)
+
+
+def fingerprint(method: str, request: Message) -> bytes:
+    """What identifies a request for idempotency: the method and every field but request_id."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")  # type: ignore[arg-type]
+    return hashlib.sha256(method.encode() + b"\0" + copy.SerializeToString(deterministic=True)
+                          ).digest()
+
+
+def precondition(request: pb.UpdateResourceRequest | pb.DeleteResourceRequest
+                 ) -> model.Precondition | None:
+    if not request.HasField("precondition"):
+        return None
+    pre = request.precondition
+    which = pre.WhichOneof("condition")
+    if which is None:
+        return None
+    if which == "etag":
+        return model.Precondition.of_etag(pre.etag)
+    if which == "version":
+        return model.Precondition.of_version(pre.version)
+    if which == "exists":
+        return model.Precondition.of_exists(pre.exists)
+    since = pre.unmodified_since
+    if not 0 <= since.nanos < 1_000_000_000 or not -62135596800 <= since.seconds <= 253402300799:
+        raise errors.InvalidPrecondition(
+            "precondition.unmodified_since is not a valid timestamp",
+            field="precondition.unmodified_since",
+        )
+    return model.Precondition.of_unmodified_since(since.seconds)
+
+
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+
+
+def _unary(
+    method: Callable[[LedgerServicer, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[LedgerServicer, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    async def handler(self: LedgerServicer, request: Request,
+                      context: grpc.aio.ServicerContext) -> Response:
+        try:
+            reject_unknown_fields(request)
+            return await method(self, request, context)
+        except errors.LedgerError as error:
+            await context.abort_with_status(to_status(error))
+            raise AssertionError("abort_with_status returns only by raising") from error
+
+    handler.__name__ = method.__name__
+    handler.__doc__ = method.__doc__
+    return handler
+
+
+class LedgerServicer(pb_grpc.LedgerServicer):  # type: ignore[misc]
+    """The `casledger.v1.Ledger` service over a :class:`~casledger.service.storage.Store`."""
+
+    def __init__(self, store: Store, *, max_content_bytes: int) -> None:
+        self._store = store
+        self._limit = max_content_bytes
+
+    def _actor(self, context: grpc.aio.ServicerContext) -> str:
+        return model.ANONYMOUS
+
+    @_unary
+    async def GetResource(self, request: pb.GetResourceRequest,
+                          context: grpc.aio.ServicerContext) -> pb.Resource:
+        model.validate_name(request.name)
+        if request.version < 0:
+            raise errors.InvalidArgument("version must be >= 0 (0 = current)", field="version")
+        return to_resource(await self._store.get(request.name, request.version))
+
+    @_unary
+    async def ListResources(self, request: pb.ListResourcesRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ListResourcesResponse:
+        parent = model.validate_collection(request.parent)
+        size = model.page_size(request.page_size)
+        scope = f"resources:{parent}"
+        after = model.decode_page_token(request.page_token, scope, str)
+        found = await self._store.list_resources(parent, size + 1, after)  # type: ignore[arg-type]
+        token = model.encode_page_token(scope, found[size - 1].name) if len(found) > size else ""
+        return pb.ListResourcesResponse(
+            resources=[to_resource(v) for v in found[:size]], next_page_token=token
+        )
+
+    @_unary
+    async def CreateResource(self, request: pb.CreateResourceRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Resource:
+        parent = model.validate_collection(request.parent)
+        if request.resource_id:
+            model.validate_name(f"x/{request.resource_id}", field="resource_id")
+            name = model.validate_name(f"{parent}/{request.resource_id}", field="resource_id")
+            scope = name
+        else:
+            name = f"{parent}/{model.new_resource_id()}"
+            scope = f"{parent}/"
+        content_type = content_rules.validate_content(
+            request.content, request.content_type, limit=self._limit
+        )
+        write = model.Write(
+            kind=model.WriteKind.CREATE, name=name, content=request.content,
+            content_type=content_type, actor=self._actor(context),
+            reason=model.validate_reason(request.reason),
+            request_id=model.validate_request_id(request.request_id), request_scope=scope,
+            fingerprint=fingerprint("CreateResource", request),
+        )
+        return to_resource(await self._store.write(write))
+
+    @_unary
+    async def UpdateResource(self, request: pb.UpdateResourceRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Resource:
+        name = model.validate_name(request.name)
+        which = request.WhichOneof("change")
+        content, content_type, patch = b"", "", None
+        if which == "content":
+            content = request.content.data
+            content_type = content_rules.validate_content(
+                content, request.content.content_type, limit=self._limit
+            )
+        elif which == "patch":
+            patch = self._patch(request.patch)
+        else:
+            raise errors.InvalidArgument(
+                "set either content (a whole new content) or patch", field="change"
+            )
+        write = model.Write(
+            kind=model.WriteKind.UPDATE, name=name, content=content, content_type=content_type,
+            patch=patch, precondition=precondition(request), actor=self._actor(context),
+            reason=model.validate_reason(request.reason),
+            request_id=model.validate_request_id(request.request_id), request_scope=name,
+            fingerprint=fingerprint("UpdateResource", request),
+        )
+        return to_resource(await self._store.write(write))
+
+    def _patch(self, patch: pb.Patch) -> model.PatchSpec:
+        media_type = patch.media_type.split(";", 1)[0].strip().lower()
+        if media_type not in patch_rules.SUPPORTED:
+            raise errors.UnsupportedPatchType(patch.media_type)
+        if len(patch.document) > self._limit:
+            raise errors.ContentTooLarge(len(patch.document), self._limit,
+                                         field="patch.document")
+        # Malformed JSON is an argument error, found before any precondition is looked at.
+        content_rules.parse_json(patch.document, field="patch.document",
+                                 error=errors.InvalidPatch)
+        return model.PatchSpec(media_type=media_type, document=patch.document)
+
+    @_unary
+    async def DeleteResource(self, request: pb.DeleteResourceRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Resource:
+        name = model.validate_name(request.name)
+        write = model.Write(
+            kind=model.WriteKind.DELETE, name=name, precondition=precondition(request),
+            actor=self._actor(context), reason=model.validate_reason(request.reason),
+            request_id=model.validate_request_id(request.request_id), request_scope=name,
+            fingerprint=fingerprint("DeleteResource", request),
+        )
+        return to_resource(await self._store.write(write))
+
+    @_unary
+    async def ListVersions(self, request: pb.ListVersionsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListVersionsResponse:
+        name = model.validate_name(request.name)
+        size = model.page_size(request.page_size)
+        scope = f"versions:{name}"
+        after = model.decode_page_token(request.page_token, scope, int)
+        found = await self._store.list_versions(
+            name, size + 1, after, request.include_content  # type: ignore[arg-type]
+        )
+        token = model.encode_page_token(scope, found[size - 1].version) if len(found) > size else ""
+        return pb.ListVersionsResponse(
+            versions=[to_resource(v, content=request.include_content) for v in found[:size]],
+            next_page_token=token,
+        )
+
+    async def Watch(self, request: pb.WatchRequest,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
+        try:
+            reject_unknown_fields(request)
+            prefix = model.validate_prefix(request.prefix)
+            if request.start_revision < 0:
+                raise errors.InvalidArgument(
+                    "start_revision must be >= 0 (0 = from now on)", field="start_revision"
+                )
+            stream = watch(self._store.hub, self._store.read_revisions, prefix,
+                           request.start_revision)
+            async for version in stream:
+                yield pb.WatchEvent(type=_event_type(version), resource=to_resource(version))
+        except errors.LedgerError as error:
+            await context.abort_with_status(to_status(error))
+
+
+def _event_type(version: model.Version) -> Any:
+    if version.deleted:
+        return pb.WatchEvent.DELETED
+    return pb.WatchEvent.CREATED if version.creates else pb.WatchEvent.UPDATED
