@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -23,6 +23,9 @@ from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 10.0
 _DETAILS_KEY = "grpc-status-details-bin"
+# Initial metadata of an accepted Watch: the ledger's revision at that moment.
+WATCH_REVISION_KEY = "casledger-revision"
+R = TypeVar("R")
 
 
 class LedgerCallError(Exception):
@@ -47,15 +50,20 @@ class LedgerCallError(Exception):
 
     @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> LedgerCallError:
+        return cls.from_status(error.code(), error.details(), error.trailing_metadata())
+
+    @classmethod
+    def from_status(cls, code: grpc.StatusCode, details: str | None,
+                    trailing: Any) -> LedgerCallError:
         reason, metadata = "", {}
-        for key, value in error.trailing_metadata() or ():
+        for key, value in trailing or ():
             if key == _DETAILS_KEY and isinstance(value, bytes):
                 status = status_pb2.Status.FromString(value)
                 for detail in status.details:
                     info = error_details_pb2.ErrorInfo()
                     if detail.Unpack(info):
                         reason, metadata = info.reason, dict(info.metadata)
-        return cls(error.code(), error.details() or "", reason, metadata)
+        return cls(code, details or "", reason, metadata)
 
 
 def precondition(*, etag: str | None = None, version: int | None = None,
@@ -70,63 +78,90 @@ def precondition(*, etag: str | None = None, version: int | None = None,
     return None
 
 
-class LedgerClient:
-    """Calls the Ledger service over one channel; every unary call has a deadline."""
+class WatchStream:
+    """A running Watch: iterate for events; `revision` is the ledger's revision when the
+    service accepted it. Failures while streaming raise LedgerCallError."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.channel = channel
-        self.stub = pb_grpc.LedgerStub(channel)
-        self.timeout = timeout
+    def __init__(self, call: Any, revision: int) -> None:
+        self._call = call
+        self.revision = revision
 
-    async def _call(self, method: str, request: Any, *, metadata: Any = None) -> Any:
+    async def __aiter__(self) -> AsyncIterator[pb.WatchEvent]:
         try:
-            return await getattr(self.stub, method)(
-                request, timeout=self.timeout, metadata=metadata
-            )
+            async for event in self._call:
+                yield event
         except grpc.aio.AioRpcError as error:
             raise LedgerCallError.from_rpc_error(error) from None
 
+    def close(self) -> None:
+        self._call.cancel()
+
+
+class LedgerClient:
+    """Calls the Ledger service over one channel; every unary call has a deadline."""
+
+    def __init__(self, channel: grpc.aio.Channel, *,
+                 call_timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.LedgerStub(channel)
+        self.call_timeout = call_timeout
+
+    async def _call(self, method: str, request: Any, returns: type[R]) -> R:
+        try:
+            response = await getattr(self.stub, method)(request, timeout=self.call_timeout)
+        except grpc.aio.AioRpcError as error:
+            raise LedgerCallError.from_rpc_error(error) from None
+        assert isinstance(response, returns)
+        return response
+
     async def get(self, name: str, version: int = 0) -> pb.Resource:
-        return await self._call("GetResource", pb.GetResourceRequest(name=name, version=version))
+        request = pb.GetResourceRequest(name=name, version=version)
+        return await self._call("GetResource", request, pb.Resource)
 
     async def list(self, parent: str, *, page_size: int = 0,
                    page_token: str = "") -> pb.ListResourcesResponse:
-        return await self._call("ListResources", pb.ListResourcesRequest(
-            parent=parent, page_size=page_size, page_token=page_token))
+        request = pb.ListResourcesRequest(parent=parent, page_size=page_size,
+                                          page_token=page_token)
+        return await self._call("ListResources", request, pb.ListResourcesResponse)
 
     async def create(self, parent: str, content: bytes, *, resource_id: str = "",
                      content_type: str = "application/json", request_id: str = "",
                      reason: str = "") -> pb.Resource:
-        return await self._call("CreateResource", pb.CreateResourceRequest(
+        request = pb.CreateResourceRequest(
             parent=parent, resource_id=resource_id, content=content, content_type=content_type,
-            request_id=request_id, reason=reason))
+            request_id=request_id, reason=reason)
+        return await self._call("CreateResource", request, pb.Resource)
 
     async def replace(self, name: str, content: bytes, *, content_type: str = "application/json",
                       precondition: pb.Precondition | None, request_id: str = "",
                       reason: str = "") -> pb.Resource:
         """Write a whole new content; `precondition` is required by the service."""
-        return await self._call("UpdateResource", pb.UpdateResourceRequest(
+        request = pb.UpdateResourceRequest(
             name=name, content=pb.ResourceContent(data=content, content_type=content_type),
-            precondition=precondition, request_id=request_id, reason=reason))
+            precondition=precondition, request_id=request_id, reason=reason)
+        return await self._call("UpdateResource", request, pb.Resource)
 
     async def patch(self, name: str, document: bytes, *, media_type: str,
                     precondition: pb.Precondition | None, request_id: str = "",
                     reason: str = "") -> pb.Resource:
         """Have the service apply a merge patch or JSON Patch atomically."""
-        return await self._call("UpdateResource", pb.UpdateResourceRequest(
+        request = pb.UpdateResourceRequest(
             name=name, patch=pb.Patch(media_type=media_type, document=document),
-            precondition=precondition, request_id=request_id, reason=reason))
+            precondition=precondition, request_id=request_id, reason=reason)
+        return await self._call("UpdateResource", request, pb.Resource)
 
     async def delete(self, name: str, *, precondition: pb.Precondition | None,
                      request_id: str = "", reason: str = "") -> pb.Resource:
-        return await self._call("DeleteResource", pb.DeleteResourceRequest(
-            name=name, precondition=precondition, request_id=request_id, reason=reason))
+        request = pb.DeleteResourceRequest(
+            name=name, precondition=precondition, request_id=request_id, reason=reason)
+        return await self._call("DeleteResource", request, pb.Resource)
 
     async def versions(self, name: str, *, page_size: int = 0, page_token: str = "",
                        include_content: bool = False) -> pb.ListVersionsResponse:
-        return await self._call("ListVersions", pb.ListVersionsRequest(
+        request = pb.ListVersionsRequest(
             name=name, page_size=page_size, page_token=page_token,
-            include_content=include_content))
+            include_content=include_content)
+        return await self._call("ListVersions", request, pb.ListVersionsResponse)
 
     async def history(self, name: str, *, include_content: bool = False
                       ) -> AsyncIterator[pb.Resource]:
@@ -140,17 +175,37 @@ class LedgerClient:
             if not token:
                 return
 
+    async def open_watch(self, prefix: str = "", start_revision: int = 0) -> WatchStream:
+        """Start a Watch and wait until the service accepted it: a bad prefix or revision
+        raises here, before the first event, so a caller can still answer with an error."""
+        call = self.stub.Watch(pb.WatchRequest(prefix=prefix, start_revision=start_revision),
+                               timeout=None)
+        try:
+            metadata = await asyncio.wait_for(call.initial_metadata(), self.call_timeout)
+        except (grpc.aio.AioRpcError, TimeoutError) as error:
+            call.cancel()
+            if isinstance(error, grpc.aio.AioRpcError):
+                raise LedgerCallError.from_rpc_error(error) from None
+            raise LedgerCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "the service did not accept the watch in time") from None
+        if call.done():
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                details = await call.details()
+                trailing = await call.trailing_metadata()
+                raise LedgerCallError.from_status(code, details, trailing)
+        revision = dict(metadata or ()).get(WATCH_REVISION_KEY, "0")
+        return WatchStream(call, int(revision) if str(revision).isdigit() else 0)
+
     async def watch(self, prefix: str = "", start_revision: int = 0
                     ) -> AsyncIterator[pb.WatchEvent]:
         """Replay from `start_revision` (inclusive), then follow live; no deadline."""
-        call = self.stub.Watch(pb.WatchRequest(prefix=prefix, start_revision=start_revision))
+        stream = await self.open_watch(prefix, start_revision)
         try:
-            async for event in call:
+            async for event in stream:
                 yield event
-        except grpc.aio.AioRpcError as error:
-            raise LedgerCallError.from_rpc_error(error) from None
         finally:
-            call.cancel()
+            stream.close()
 
     async def update(self, name: str, change: Callable[[bytes], bytes], *, attempts: int = 16,
                      reason: str = "") -> pb.Resource:
@@ -170,12 +225,12 @@ class LedgerClient:
 
 
 @asynccontextmanager
-async def connect(target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S,
+async def connect(target: str = DEFAULT_TARGET, *, call_timeout: float = DEFAULT_TIMEOUT_S,
                   options: list[tuple[str, Any]] | None = None) -> AsyncIterator[LedgerClient]:
     """A client on a new channel to `target`; the channel closes when the block ends."""
     channel = grpc.aio.insecure_channel(target, options=[
         ("grpc.max_receive_message_length", 256 << 20), *(options or [])])
     try:
-        yield LedgerClient(channel, timeout=timeout)
+        yield LedgerClient(channel, call_timeout=call_timeout)
     finally:
         await channel.close()

@@ -151,6 +151,8 @@ def _position(text: str, index: int) -> str:
 
 def _too_deep_at(text: str) -> int | None:
     """The index of the first bracket that opens nesting level MAX_JSON_DEPTH + 1, if any."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return None  # the usual case, at C speed: too few brackets to nest that deep at all
     depth = 0
     for match in _STRUCTURE.finditer(text):
         char = text[match.start()]

@@ -105,9 +105,16 @@ def matches_prefix(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + "/")
 
 
+_last_id_us = 0
+
+
 def new_resource_id() -> str:
     """A server-generated id: time-ordered (so listings follow creation order) and random."""
-    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(6)}"
+    global _last_id_us
+    # Strictly increasing within the process: two ids in one microsecond (or across a clock step
+    # back) would otherwise sort by their random part, not by creation order.
+    _last_id_us = max(time.time_ns() // 1000, _last_id_us + 1)
+    return f"{_last_id_us:014x}{secrets.token_hex(6)}"
 
 
 def validate_request_id(request_id: str) -> str:
@@ -418,7 +425,8 @@ def _patched(spec: PatchSpec, latest: Version, *, limit: int) -> tuple[bytes, st
             f"{latest.name} holds {latest.content_type}, not JSON; a patch applies to JSON "
             "content only: replace the whole content instead"
         )
-    result = patch_rules.apply_patch(spec.media_type, spec.document, latest.content)
+    result = patch_rules.apply_patch(spec.media_type, spec.document, latest.content,
+                                     copy_budget=limit)
     if len(result) > limit:
         raise errors.ContentTooLarge(len(result), limit, field="patch")
     return result, latest.content_type
@@ -445,7 +453,8 @@ def decode_page_token(token: str, scope: str, kind: type[str] | type[int]) -> st
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError, RecursionError) as exc:
+        # RecursionError: a forged token of deeply nested JSON; json.loads recurses per level.
         raise errors.InvalidPageToken() from exc
     if not isinstance(data, dict) or data.get("s") != scope:
         raise errors.InvalidPageToken()

@@ -23,6 +23,7 @@ from . import errors, model
 from . import patch as patch_rules
 from .api.casledger.v1 import ledger_pb2 as pb
 from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
+from .client import WATCH_REVISION_KEY
 from .storage import Store
 from .watch import watch
 
@@ -105,7 +106,7 @@ def fingerprint(method: str, request: Message) -> bytes:
     """What identifies a request for idempotency: the method and every field but request_id."""
     copy = type(request)()
     copy.CopyFrom(request)
-    copy.ClearField("request_id")  # type: ignore[arg-type]
+    copy.ClearField("request_id")
     return hashlib.sha256(method.encode() + b"\0" + copy.SerializeToString(deterministic=True)
                           ).digest()
 
@@ -154,7 +155,7 @@ def _unary(
     return handler
 
 
-class LedgerServicer(pb_grpc.LedgerServicer):  # type: ignore[misc]
+class LedgerServicer(pb_grpc.LedgerServicer):
     """The `casledger.v1.Ledger` service over a :class:`~casledger.service.storage.Store`."""
 
     def __init__(self, store: Store, *, max_content_bytes: int) -> None:
@@ -285,6 +286,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):  # type: ignore[misc]
                 )
             stream = watch(self._store.hub, self._store.read_revisions, prefix,
                            request.start_revision)
+            # Tells the client the watch was accepted (it can still answer errors before it).
+            await context.send_initial_metadata(
+                ((WATCH_REVISION_KEY, str(self._store.hub.revision)),))
             async for version in stream:
                 yield pb.WatchEvent(type=_event_type(version), resource=to_resource(version))
         except errors.LedgerError as error:

@@ -14,6 +14,7 @@ watch hub learns of commits in-process, so a second writer would leave watchers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -224,10 +225,9 @@ class SQLiteStore:
 
     async def _purge_requests(self) -> None:
         cutoff = time.time_ns() // 1000 - self._options.request_id_ttl_s * 1_000_000
-        try:
+        # A failure is retried after the next PURGE_EVERY writes; records only live longer.
+        with contextlib.suppress(sqlite3.Error):
             await self._writer.execute("DELETE FROM requests WHERE created_us < ?", (cutoff,))
-        except sqlite3.Error:
-            pass  # retried after the next PURGE_EVERY writes; records only live longer
 
     # --- reads ---------------------------------------------------------------------------------
 
