@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
@@ -27,9 +28,9 @@ from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.client import LedgerCallError, LedgerClient, connect
 
 from . import conditional, sse
-from .views import http_date, last_modified, resource_view
 from .errors import Problem, bad_request, from_call_error, problem
 from .openapi import openapi_document
+from .views import http_date, last_modified, resource_view
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -51,6 +52,16 @@ class BridgeSettings:
     call_timeout_s: float = 5.0
     cors_allow_origins: tuple[str, ...] = ()
     heartbeat_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("target", "http_listen"):
+            host, sep, port = getattr(self, name).rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"{name} must be HOST:PORT, not {getattr(self, name)!r}")
+        if not 1 <= self.max_body_bytes <= 64 << 20:
+            raise ValueError("max_body_bytes must be between 1 and 67108864")
+        if self.call_timeout_s <= 0 or self.heartbeat_s <= 0:
+            raise ValueError("call_timeout_s and heartbeat_s must be positive")
 
 
 def representation_headers(r: pb.Resource, request: Request) -> dict[str, str]:
@@ -108,7 +119,6 @@ def write_reason(request: Request) -> str:
     """The write's reason, from the Casledger-Reason header (UTF-8, may be percent-encoded)."""
     raw = request.headers.get(REASON_HEADER, "")
     try:
-        from urllib.parse import unquote
         return unquote(raw.encode("latin-1").decode("utf-8"), errors="strict")
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise bad_request(f"{REASON_HEADER} must be UTF-8 text", reason="INVALID_HEADER") from None

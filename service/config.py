@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from .storage import Durability, StoreOptions
 
@@ -57,22 +57,49 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Settings from ``CASLEDGER_*`` variables, then `overrides` (None = not given)."""
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = environ.get(ENV_PREFIX + field.name.upper())
-            if raw is not None:
-                values[field.name] = parse(field.name, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return load(cls, environ, **overrides)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
-def parse(name: str, raw: str) -> Any:
-    """Convert a textual setting (environment or flag) to the field's type."""
-    default = getattr(Settings, name)
+T = TypeVar("T")
+
+# Settings whose flag and variable are singular although the field holds several values.
+ALIASES = {"cors_allow_origins": "cors_allow_origin"}
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + ALIASES.get(field_name, field_name).upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + ALIASES.get(field_name, field_name).replace("_", "-")
+
+
+def load(cls: type[T], environ: Mapping[str, str], **overrides: Any) -> T:
+    """An instance of the settings dataclass `cls` from ``CASLEDGER_*`` variables, then
+    `overrides` (textual or typed values; None = not given)."""
+    values: dict[str, Any] = {}
+    for field in fields(cls):  # type: ignore[arg-type]
+        raw = environ.get(env_name(field.name))
+        if raw is not None:
+            values[field.name] = parse(cls, field.name, raw)
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = parse(cls, name, value) if isinstance(value, str) else value
     try:
+        return cls(**values)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def parse(cls: type[Any], name: str, raw: str) -> Any:
+    """Convert a textual setting (environment or flag) to the field's type."""
+    default = next(f.default for f in fields(cls) if f.name == name)
+    try:
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
         if isinstance(default, bool):
             if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
                 raise ValueError(raw)
@@ -84,7 +111,5 @@ def parse(name: str, raw: str) -> Any:
         if isinstance(default, float):
             return float(raw)
     except ValueError:
-        raise SettingsError(
-            f"{ENV_PREFIX}{name.upper()} / --{name.replace('_', '-')}: cannot use {raw!r}"
-        ) from None
+        raise SettingsError(f"{env_name(name)} / {flag_name(name)}: cannot use {raw!r}") from None
     return raw
