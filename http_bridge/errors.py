@@ -38,6 +38,7 @@ HTTP_STATUS: dict[str, tuple[int, str]] = {
     "NOT_FOUND": (404, "Not found"),
     "PATCH_CONFLICT": (409, "Patch does not apply"),
     "WATCHER_TOO_SLOW": (503, "Watcher too slow"),
+    "SHUTTING_DOWN": (503, "Service shutting down"),
     "STORAGE_UNAVAILABLE": (503, "Storage unavailable"),
     "UNAUTHENTICATED": (401, "Unauthenticated"),
     "PERMISSION_DENIED": (403, "Permission denied"),

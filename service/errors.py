@@ -22,6 +22,7 @@ status codes lives in ``servicer.py``; the mapping to HTTP statuses in ``http_br
     ├── ResourceNotFound               NOT_FOUND (deleted_at_version)
     ├── PatchConflict                  PATCH_CONFLICT
     ├── WatcherTooSlow                 WATCHER_TOO_SLOW (resume_revision)
+    ├── ShuttingDown                   SHUTTING_DOWN (resume_revision)
     └── StorageUnavailable             STORAGE_UNAVAILABLE
 """
 
@@ -238,6 +239,21 @@ class WatcherTooSlow(LedgerError):
         super().__init__(
             "the watcher fell too far behind the ledger; resume with start_revision="
             f"{resume_revision}"
+        )
+        self.resume_revision = resume_revision
+
+    def metadata(self) -> dict[str, str]:
+        return {"resume_revision": str(self.resume_revision)}
+
+
+class ShuttingDown(LedgerError):
+    """The service is stopping; a watcher may resume from `resume_revision` elsewhere or later."""
+
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self, *, resume_revision: int) -> None:
+        super().__init__(
+            f"the service is shutting down; resume with start_revision={resume_revision}"
         )
         self.resume_revision = resume_revision
 

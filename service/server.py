@@ -47,6 +47,9 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC sets SO_REUSEPORT by default: a second server on a busy port would bind and
+        # silently share its connections instead of failing.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -75,5 +78,8 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
             yield RunningServer(server=server, port=port, store=store, health=health_servicer)
         finally:
             await health_servicer.enter_graceful_shutdown()
+            # Watch streams never end by themselves: end them now, each with the revision to
+            # resume from, so only unary calls use the grace period.
+            store.hub.close()
             await server.stop(settings.shutdown_grace_s)
             log.info("casledger stopped")

@@ -48,6 +48,7 @@ GRPC_CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.ResourceNotFound: grpc.StatusCode.NOT_FOUND,
     errors.PatchConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -284,11 +285,13 @@ class LedgerServicer(pb_grpc.LedgerServicer):
                 raise errors.InvalidArgument(
                     "start_revision must be >= 0 (0 = from now on)", field="start_revision"
                 )
+            # "From now on" is fixed here, not when `stream` is first iterated (after the await
+            # below): a commit landing while the metadata is sent is then replayed, not skipped.
+            accepted = self._store.hub.revision
             stream = watch(self._store.hub, self._store.read_revisions, prefix,
-                           request.start_revision)
+                           request.start_revision or accepted + 1)
             # Tells the client the watch was accepted (it can still answer errors before it).
-            await context.send_initial_metadata(
-                ((WATCH_REVISION_KEY, str(self._store.hub.revision)),))
+            await context.send_initial_metadata(((WATCH_REVISION_KEY, str(accepted)),))
             async for version in stream:
                 yield pb.WatchEvent(type=_event_type(version), resource=to_resource(version))
         except errors.LedgerError as error:

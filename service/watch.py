@@ -33,6 +33,7 @@ class Subscription:
         self.prefix = prefix
         self.start_revision = start_revision
         self.overflowed = False
+        self.closed = False
         self._max = max_queued
         self._queue: deque[Version] = deque()
         self._ready = asyncio.Event()
@@ -44,6 +45,10 @@ class Subscription:
             self.overflowed = True
         else:
             self._queue.append(version)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
         self._ready.set()
 
     async def take(self) -> list[Version]:
@@ -62,6 +67,7 @@ class WatchHub:
         self.revision = revision
         self.max_queued = max_queued
         self._subscriptions: set[Subscription] = set()
+        self.closed = False
 
     @property
     def watchers(self) -> int:
@@ -74,10 +80,18 @@ class WatchHub:
             for subscription in self._subscriptions:
                 subscription.offer(version)
 
+    def close(self) -> None:
+        """End every watcher (the service is stopping): each gets its resume revision."""
+        self.closed = True
+        for subscription in self._subscriptions:
+            subscription.close()
+
     @contextmanager
     def subscribe(self, prefix: str) -> Iterator[Subscription]:
         # Synchronous: no other coroutine can publish between reading `revision` and joining.
         subscription = Subscription(prefix, self.revision, self.max_queued)
+        if self.closed:
+            subscription.close()
         self._subscriptions.add(subscription)
         try:
             yield subscription
@@ -109,3 +123,5 @@ async def watch(
                         last = version.revision
                 if subscription.overflowed:
                     raise errors.WatcherTooSlow(resume_revision=last + 1)
+                if subscription.closed:
+                    raise errors.ShuttingDown(resume_revision=last + 1)

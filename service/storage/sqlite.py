@@ -122,13 +122,22 @@ class SQLiteStore:
         self._options = options
         self._lock = asyncio.Lock()
         self._writes = 0
+        self._in_flight: set[asyncio.Task[Version]] = set()
 
     # --- writes --------------------------------------------------------------------------------
 
     async def write(self, write: Write) -> Version:
         # The task, not the caller, owns the transaction: cancelling the caller cannot
         # interrupt it between BEGIN and COMMIT/ROLLBACK.
-        return await asyncio.shield(asyncio.ensure_future(self._locked_write(write)))
+        task = asyncio.ensure_future(self._locked_write(write))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for every write already started, those whose callers went away included."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
 
     async def _locked_write(self, write: Write) -> Version:
         async with self._lock:
@@ -391,7 +400,12 @@ async def open_sqlite(path: str, options: StoreOptions) -> AsyncIterator[SQLiteS
                 async with reader.execute("SELECT coalesce(max(revision), 0) FROM versions") as c:
                     row = await c.fetchone()
                 hub = WatchHub(row[0] if row else 0, max_queued=options.watch_queue)
-                yield SQLiteStore(writer, reader, hub, options)
+                store = SQLiteStore(writer, reader, hub, options)
+                try:
+                    yield store
+                finally:
+                    # Closing the connections under an abandoned write would fail it half-way.
+                    await store.drain()
             finally:
                 await reader.close()
         finally:
