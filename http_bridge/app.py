@@ -39,6 +39,7 @@ REASON_HEADER = "Casledger-Reason"
 RESOURCE_METHODS = "GET, HEAD, PUT, PATCH, DELETE, OPTIONS"
 COLLECTION_METHODS = "GET, HEAD, POST, OPTIONS"
 READ_METHODS = "GET, HEAD, OPTIONS"
+INT64_MAX = 2**63 - 1
 CONDITIONAL_HEADERS = ("If-Match", "If-None-Match", "If-Unmodified-Since", "If-Modified-Since")
 EXPOSED_HEADERS = ("ETag", "Location", "Accept-Patch", "Last-Modified", "Retry-After",
                    "Preference-Applied")
@@ -96,7 +97,7 @@ async def read_body(request: Request) -> bytes:
     limit = settings_of(request).max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise bad_request("Content-Length is not a number")
         if int(declared) > limit:
             raise _too_large(int(declared), limit)
@@ -137,10 +138,14 @@ def int_param(request: Request, name: str, *, minimum: int = 0, maximum: int | N
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
-        bound = f" and {maximum}" if maximum is not None else ""
-        raise bad_request(f"query parameter {name} must be an integer between {minimum}{bound}",
-                          field=name)
+    # The service's numbers are int64: a larger one would fail in protobuf (a 500), not a 400.
+    maximum = INT64_MAX if maximum is None else maximum
+    # isascii: str.isdigit() also takes "\uff11" (int() reads it as 1) and "\u00b2" (int() fails).
+    # len: int() refuses more than 4300 digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not (
+            minimum <= int(raw) <= maximum):
+        raise bad_request(f"query parameter {name} must be an integer between {minimum} and "
+                          f"{maximum}", field=name)
     return int(raw)
 
 
@@ -355,8 +360,16 @@ async def dispatch(request: Request) -> Response:
         return problem(400, "Invalid resource name",
                        "resource names never contain percent-encoded characters",
                        reason="INVALID_NAME", field="name")
+    if any(segment in ("", ".", "..") for segment in path.split(":", 1)[0].split("/")):
+        # The router tells resources from collections by counting segments: an empty or dot
+        # segment would route a bad name by the wrong shape (PUT /v1/documents/ with
+        # If-None-Match: * created a server-named resource).
+        return problem(400, "Invalid resource name", "resource names have no empty, '.' or "
+                       "'..' segments", reason="INVALID_NAME", field="name")
     method = request.method
     if path.endswith(":watch"):
+        if method == "OPTIONS":
+            return options(READ_METHODS, patchable=False)
         if method not in ("GET", "HEAD"):
             return method_not_allowed(request, READ_METHODS)
         return await sse.watch(request, path[: -len(":watch")], ledger(request),
@@ -397,6 +410,8 @@ async def guarded(request: Request) -> Response:
 
 
 async def watch_all(request: Request) -> Response:
+    if request.method == "OPTIONS":
+        return options(READ_METHODS, patchable=False)
     if request.method not in ("GET", "HEAD"):
         return method_not_allowed(request, READ_METHODS)
     try:
@@ -432,8 +447,20 @@ async def openapi(request: Request) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     reason = {404: "NO_ROUTE", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and request.url.path.startswith("/v1"):
+        # A method no route lists (TRACE, ...): Starlette's Allow would name the route's
+        # methods, not what dispatch allows on this path.
+        headers["Allow"] = allowed_methods(request.url.path.removeprefix("/v1").lstrip("/"))
     return problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: "
-                   f"{exc.detail}", reason=reason, headers=dict(exc.headers or {}))
+                   f"{exc.detail}", reason=reason, headers=headers)
+
+
+def allowed_methods(path: str) -> str:
+    """The Allow header of a path under /v1, as dispatch answers it."""
+    if path.endswith((":watch", ":history")):
+        return READ_METHODS
+    return RESOURCE_METHODS if len(path.split("/")) % 2 == 0 else COLLECTION_METHODS
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

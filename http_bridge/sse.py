@@ -28,6 +28,7 @@ from .views import resource_view
 
 QUEUE_EVENTS = 64
 RETRY_MS = 1000
+MAX_REVISION = 2**63 - 1
 EVENT_NAMES = {pb.WatchEvent.CREATED: "created", pb.WatchEvent.UPDATED: "updated",
                pb.WatchEvent.DELETED: "deleted"}
 _END = object()
@@ -37,16 +38,23 @@ def start_revision(request: Request) -> int:
     """Last-Event-ID (exclusive) wins over ?start_revision (inclusive); 0 = from now on."""
     last_event_id = request.headers.get("last-event-id")
     if last_event_id is not None and last_event_id.strip():
-        if not last_event_id.strip().isdigit():
+        # isascii: str.isdigit() also takes "\u00b2", which int() refuses, and "\uff11".
+        if not _is_revision(last_event_id.strip(), below=MAX_REVISION):
             raise bad_request("Last-Event-ID must be a revision number", field="Last-Event-ID")
         return int(last_event_id) + 1
     raw = request.query_params.get("start_revision")
     if raw is None:
         return 0
-    if not raw.isdigit():
+    if not _is_revision(raw, below=MAX_REVISION + 1):
         raise bad_request("start_revision must be a non-negative integer",
                           field="start_revision")
     return int(raw)
+
+
+def _is_revision(raw: str, *, below: int) -> bool:
+    """ASCII digits (str.isdigit() also takes "\u00b2", which int() refuses) of a number below
+    `below`: revisions are int64, and protobuf refuses a larger one with a ValueError (a 500)."""
+    return raw.isascii() and raw.isdigit() and len(raw) <= 19 and int(raw) < below
 
 
 def format_event(event: pb.WatchEvent) -> str:

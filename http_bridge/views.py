@@ -27,8 +27,13 @@ def last_modified(resource: pb.Resource) -> datetime:
 
 
 def is_json(media_type: str) -> bool:
+    """The service's rule (it validated such content as JSON): application/json or a +json
+    suffix with a name before it. A bare `+json` subtype is stored unvalidated, so parsing it
+    here could fail."""
     essence = media_type.split(";", 1)[0].strip().lower()
-    return essence == "application/json" or essence.endswith("+json")
+    subtype = essence.partition("/")[2]
+    return essence == "application/json" or (
+        subtype.endswith("+json") and len(subtype) > len("+json"))
 
 
 def resource_view(r: pb.Resource, *, content: bool = True) -> dict[str, Any]:

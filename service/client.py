@@ -10,6 +10,7 @@ compare-and-swap on the version read, and on VERSION_MISMATCH read again and ret
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -220,7 +221,9 @@ class LedgerClient:
             except LedgerCallError as error:
                 if error.reason != "VERSION_MISMATCH" or attempt == attempts - 1:
                     raise
-                await asyncio.sleep(min(0.001 * 2**attempt, 0.1))
+                # Full jitter: writers that collided must not retry in lockstep, or the
+                # same ones collide again and again and run out of attempts.
+                await asyncio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
         raise AssertionError("unreachable")
 
 

@@ -17,9 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .api.casledger.v1 import ledger_pb2 as pb
-from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
 from .config import Settings
-from .servicer import LedgerServicer
+from .servicer import LedgerServicer, add_to_server
 from .storage import Store, open_store
 
 log = logging.getLogger("casledger.server")
@@ -58,9 +57,8 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
     """Run the Ledger service (plus health and reflection) on ``settings.grpc_listen``."""
     async with open_store(settings.db, settings.store_options) as store:
         server = grpc.aio.server(options=grpc_options(settings))
-        pb_grpc.add_LedgerServicer_to_server(
-            LedgerServicer(store, max_content_bytes=settings.max_content_bytes), server
-        )
+        add_to_server(LedgerServicer(store, max_content_bytes=settings.max_content_bytes),
+                      server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

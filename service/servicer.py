@@ -84,6 +84,54 @@ def to_resource(v: model.Version, *, content: bool = True) -> pb.Resource:
     )
 
 
+class Unparseable:
+    """What the tolerant deserializer hands the servicer for bytes that are not the request."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def tolerant(cls: type[Message]) -> Callable[[bytes], Message | Unparseable]:
+    """A request deserializer that never raises: gRPC would answer UNKNOWN, without ErrorInfo,
+    for an exception raised while parsing; the servicer turns Unparseable into
+    INVALID_ARGUMENT instead."""
+
+    def deserialize(data: bytes) -> Message | Unparseable:
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # DecodeError, or a RuntimeError from upb
+            return Unparseable(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def check_request(request: Message | Unparseable) -> None:
+    """Refuse requests that did not parse, or that carry fields this server does not know."""
+    if isinstance(request, Unparseable):
+        raise errors.InvalidArgument(
+            f"the request could not be parsed ({request.problem})", field="request"
+        )
+    reject_unknown_fields(request)
+
+
+def add_to_server(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
+    """Register the Ledger service with tolerant deserializers (see :func:`tolerant`)."""
+    service = pb.DESCRIPTOR.services_by_name["Ledger"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(
+            getattr(servicer, method.name), request_deserializer=tolerant(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
+                                                                          handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def reject_unknown_fields(message: Message, path: str = "") -> None:
     """Unknown fields mean a client speaks a contract this server does not: refuse, loudly."""
     unknown = UnknownFieldSet(message)
@@ -145,7 +193,7 @@ def _unary(
     async def handler(self: LedgerServicer, request: Request,
                       context: grpc.aio.ServicerContext) -> Response:
         try:
-            reject_unknown_fields(request)
+            check_request(request)
             return await method(self, request, context)
         except errors.LedgerError as error:
             await context.abort_with_status(to_status(error))
@@ -267,6 +315,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         size = model.page_size(request.page_size)
         scope = f"versions:{name}"
         after = model.decode_page_token(request.page_token, scope, int)
+        if after is not None and not 0 <= after < 1 << 63:  # forged: SQLite cannot bind it
+            raise errors.InvalidPageToken()
         found = await self._store.list_versions(
             name, size + 1, after, request.include_content  # type: ignore[arg-type]
         )
@@ -279,7 +329,7 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     async def Watch(self, request: pb.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
         try:
-            reject_unknown_fields(request)
+            check_request(request)
             prefix = model.validate_prefix(request.prefix)
             if request.start_revision < 0:
                 raise errors.InvalidArgument(
