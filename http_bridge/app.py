@@ -75,7 +75,9 @@ def resource_response(r: pb.Resource, request: Request, *, status: int = 200,
     if request.headers.get("prefer", "").replace(" ", "").lower().find("return=minimal") >= 0:
         headers["Preference-Applied"] = "return=minimal"
         return Response(status_code=204 if status == 200 else status, headers=headers)
-    return Response(r.content, status_code=status, headers=headers, media_type=r.content_type)
+    # The stored media type goes out exactly as stored: `media_type=` would add a charset.
+    headers["Content-Type"] = r.content_type
+    return Response(r.content, status_code=status, headers=headers)
 
 
 # --- request pieces ----------------------------------------------------------------------------
@@ -99,8 +101,9 @@ async def read_body(request: Request) -> bytes:
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise bad_request("Content-Length is not a number")
-        if int(declared) > limit:
-            raise _too_large(int(declared), limit)
+        # Compare lengths first: int() refuses more than 4300 digits.
+        if len(declared.lstrip("0")) > len(str(limit)) or int(declared) > limit:
+            raise _too_large(int(declared) if len(declared) <= 19 else None, limit)
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -110,7 +113,7 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _too_large(size: int, limit: int) -> Problem:
+def _too_large(size: int | None, limit: int) -> Problem:
     return Problem(problem(413, "Content too large",
                            f"the body is larger than the limit of {limit} bytes",
                            reason="CONTENT_TOO_LARGE", limit=limit, size=size))
@@ -256,8 +259,10 @@ async def get_resource(request: Request, name: str) -> Response:
         raise precondition_failed(r, f"{name} does not match the request's preconditions")
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(r.content))
-        return Response(status_code=200, headers=headers, media_type=r.content_type)
-    return Response(r.content, headers=headers, media_type=r.content_type)
+        headers["Content-Type"] = r.content_type
+        return Response(status_code=200, headers=headers)
+    headers["Content-Type"] = r.content_type
+    return Response(r.content, headers=headers)
 
 
 async def put_resource(request: Request, name: str) -> Response:

@@ -465,6 +465,22 @@ def decode_page_token(token: str, scope: str, kind: type[str] | type[int]) -> st
     return after
 
 
+def decode_name_token(token: str, scope: str) -> str | None:
+    """The name a listing resumes after (None: the first page)."""
+    after = decode_page_token(token, scope, str)
+    assert after is None or isinstance(after, str)
+    return after
+
+
+def decode_version_token(token: str, scope: str) -> int | None:
+    """The version a history resumes after (None: the first page); always an int64."""
+    after = decode_page_token(token, scope, int)
+    assert after is None or isinstance(after, int)
+    if after is not None and not 0 <= after < 1 << 63:  # forged: storage cannot bind it
+        raise errors.InvalidPageToken()
+    return after
+
+
 def page_size(requested: int, *, default: int = 100, maximum: int = 1000) -> int:
     if requested < 0:
         raise errors.InvalidArgument("page_size must not be negative", field="page_size")

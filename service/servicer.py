@@ -228,8 +228,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         parent = model.validate_collection(request.parent)
         size = model.page_size(request.page_size)
         scope = f"resources:{parent}"
-        after = model.decode_page_token(request.page_token, scope, str)
-        found = await self._store.list_resources(parent, size + 1, after)  # type: ignore[arg-type]
+        after = model.decode_name_token(request.page_token, scope)
+        found = await self._store.list_resources(parent, size + 1, after)
         token = model.encode_page_token(scope, found[size - 1].name) if len(found) > size else ""
         return pb.ListResourcesResponse(
             resources=[to_resource(v) for v in found[:size]], next_page_token=token
@@ -314,12 +314,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         name = model.validate_name(request.name)
         size = model.page_size(request.page_size)
         scope = f"versions:{name}"
-        after = model.decode_page_token(request.page_token, scope, int)
-        if after is not None and not 0 <= after < 1 << 63:  # forged: SQLite cannot bind it
-            raise errors.InvalidPageToken()
-        found = await self._store.list_versions(
-            name, size + 1, after, request.include_content  # type: ignore[arg-type]
-        )
+        after = model.decode_version_token(request.page_token, scope)
+        found = await self._store.list_versions(name, size + 1, after, request.include_content)
         token = model.encode_page_token(scope, found[size - 1].version) if len(found) > size else ""
         return pb.ListVersionsResponse(
             versions=[to_resource(v, content=request.include_content) for v in found[:size]],

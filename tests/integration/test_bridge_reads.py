@@ -380,3 +380,27 @@ def _date(value: str) -> datetime:
     parsed = parse_http_date(value)
     assert parsed is not None
     return parsed
+
+
+async def test_media_type_goes_back_exactly_as_stored(bridge: httpx.AsyncClient) -> None:
+    # Starlette's media_type= would append "; charset=utf-8" to text types.
+    await create(bridge, "documents/t", b"plain words", "text/plain")
+
+    response = await bridge.get("/v1/documents/t")
+
+    assert response.headers["content-type"] == "text/plain"
+    assert response.content == b"plain words"
+
+
+async def test_bare_plus_json_subtype_is_listed_as_bytes(bridge: httpx.AsyncClient) -> None:
+    # The service validates only real +json types; `application/+json` is stored as bytes, so
+    # the listing must not try to parse it (it answered 500 once).
+    await create(bridge, "documents/p", b"{not json", "application/+json")
+
+    listing = await bridge.get("/v1/documents")
+    history = await bridge.get("/v1/documents/p:history", params={"include_content": "true"})
+
+    assert listing.status_code == 200
+    [item] = listing.json()["resources"]
+    assert item["content_base64"] == "e25vdCBqc29u"
+    assert history.json()["versions"][0]["content_base64"] == "e25vdCBqc29u"
