@@ -1,7 +1,9 @@
 """The `casledger` command.
 
 ``casledger serve`` runs the gRPC service and, in a process of its own, the HTTP bridge;
-``casledger bridge`` runs a bridge alone. Every flag has a ``CASLEDGER_*`` variable.
+``casledger bridge`` runs a bridge alone. Every flag has a ``CASLEDGER_*`` variable. The
+inspection commands (get, history, diff, log, tail, verify, digest, export, import, stats) are
+declared here and run by :mod:`casledger.service.inspect` and :mod:`casledger.service.audit`.
 
 Exit codes: 0 ok, 1 verification failed, 2 usage error, 3 not found or service unavailable.
 """
@@ -21,10 +23,13 @@ from dataclasses import fields
 from typing import Any
 
 from ..http_bridge.app import BridgeSettings
+from . import audit, inspect
 from .config import Settings, SettingsError, env_name, flag_name, load
+from .inspect import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY_FAILED
 from .server import serve
+from .verify import Digest
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+__all__ = ["EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "main"]
 
 log = logging.getLogger("casledger")
 
@@ -85,7 +90,88 @@ def build_parser() -> argparse.ArgumentParser:
     bridge_parser.add_argument("--log-level", default=os.environ.get(env_name("log_level"),
                                                                      "info"),
                                help=_HELP["log_level"])
+    _add_inspection_commands(commands)
     return parser
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
+def _revision(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def _digest(text: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_inspection_commands(commands: Any) -> None:
+    """The inspection commands; which modes each has is :data:`inspect.MODES`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true",
+                        help="machine-readable output: JSON Lines for lists and logs, one JSON "
+                             "document otherwise")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        online, offline = inspect.MODES[name]
+        modes = " and ".join(m for m, on in (("online", online), ("offline", offline)) if on)
+        parser: argparse.ArgumentParser = commands.add_parser(
+            name, parents=[common], help=f"{help_text} ({modes})",
+            description=f"{help_text[0].upper()}{help_text[1:]}. Modes: {modes}.")
+        if online:
+            parser.add_argument("--target", default=None, metavar="HOST:PORT",
+                                help="the gRPC service to ask (default 127.0.0.1:50051) "
+                                     f"[env {inspect.TARGET_ENV}]")
+        if offline:
+            parser.add_argument("--db", default=None, metavar="URL",
+                                help="read this ledger file instead, read-only (sqlite:///path "
+                                     f"or a path) [env {inspect.DB_ENV}]")
+        return parser
+
+    get = add("get", "print a resource, or one of its versions")
+    get.add_argument("name")
+    get.add_argument("--version", type=_count, default=0, help="a past version (0 = current)")
+    get.add_argument("--raw", action="store_true", help="write the stored bytes alone")
+    add("history", "list every version of a resource").add_argument("name")
+    diff = add("diff", "show what changed between two versions of a resource")
+    diff.add_argument("name")
+    diff.add_argument("a", type=_revision, metavar="A", help="the older version")
+    diff.add_argument("b", type=_revision, metavar="B", help="the newer version")
+    log = add("log", "list the ledger's versions in revision order")
+    log.add_argument("--prefix", default="", help="only resources under this path")
+    log.add_argument("--since", type=_revision, default=1, metavar="REV",
+                     help="from this revision on (inclusive; default 1)")
+    log.add_argument("--limit", type=_count, default=0, help="stop after N versions")
+    tail = add("tail", "follow new versions as they are written, resuming after lost "
+                       "connections without a gap")
+    tail.add_argument("--prefix", default="", help="only resources under this path")
+    tail.add_argument("--from", dest="start", type=_revision, default=0, metavar="REV",
+                      help="replay from this revision (inclusive) first; default: from now")
+    tail.add_argument("--limit", type=_count, default=0, help="stop after N versions")
+    tail.add_argument("--max-backoff", type=float, default=5.0, metavar="S",
+                      help="longest wait between reconnection attempts (default 5)")
+    verify = add("verify", "recompute every hash and both chains; exit 1 on any broken link")
+    verify.add_argument("--digest", type=_digest, default=None, metavar="R:HEX",
+                        help="also prove the ledger still extends this earlier digest")
+    digest = add("digest", "print the ledger digest (R:hex) at a revision")
+    digest.add_argument("--revision", type=_count, default=None, metavar="R",
+                        help="default: the latest")
+    export = add("export", "write every version with its hash as JSON Lines")
+    export.add_argument("--output", "-o", default=None, metavar="FILE",
+                        help="write here (default: stdout)")
+    load_parser = add("import", "load an export into an empty ledger file, verifying it")
+    load_parser.add_argument("file", metavar="FILE", help="the export (- for stdin)")
+    add("stats", "count resources, versions, tombstones, bytes and recent writes")
 
 
 def _given(args: argparse.Namespace, cls: type[Any]) -> dict[str, Any]:
@@ -165,6 +251,9 @@ def _configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = {**inspect.COMMANDS, **audit.COMMANDS}.get(args.command)
+    if command is not None:
+        return inspect.run(args, command)
     try:
         if args.command == "serve":
             settings = load(Settings, os.environ, **_given(args, Settings))

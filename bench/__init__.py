@@ -1,0 +1,1 @@
+"""casledger benchmarks: ``python -m bench`` (``make bench``). Results go to bench/results/."""
