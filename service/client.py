@@ -13,6 +13,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc
@@ -27,6 +28,11 @@ _DETAILS_KEY = "grpc-status-details-bin"
 # Initial metadata of an accepted Watch: the ledger's revision at that moment.
 WATCH_REVISION_KEY = "casledger-revision"
 R = TypeVar("R")
+
+# Metadata sent with every call made in this context (e.g. the bridge sets the caller's
+# credentials and request id per HTTP request), without threading it through every method.
+call_metadata: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("call_metadata",
+                                                                    default=())
 
 
 class LedgerCallError(Exception):
@@ -109,7 +115,8 @@ class LedgerClient:
 
     async def _call(self, method: str, request: Any, returns: type[R]) -> R:
         try:
-            response = await getattr(self.stub, method)(request, timeout=self.call_timeout)
+            response = await getattr(self.stub, method)(
+                request, timeout=self.call_timeout, metadata=call_metadata.get())
         except grpc.aio.AioRpcError as error:
             raise LedgerCallError.from_rpc_error(error) from None
         assert isinstance(response, returns)
@@ -180,7 +187,7 @@ class LedgerClient:
         """Start a Watch and wait until the service accepted it: a bad prefix or revision
         raises here, before the first event, so a caller can still answer with an error."""
         call = self.stub.Watch(pb.WatchRequest(prefix=prefix, start_revision=start_revision),
-                               timeout=None)
+                               timeout=None, metadata=call_metadata.get())
         try:
             metadata = await asyncio.wait_for(call.initial_metadata(), self.call_timeout)
         except (grpc.aio.AioRpcError, TimeoutError) as error:
