@@ -20,16 +20,20 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.client import LedgerCallError, LedgerClient, connect
+from casledger.service.limits import Gate
 
 from . import conditional, sse
 from .errors import Problem, bad_request, from_call_error, problem
+from .metrics import BridgeMetrics
+from .middleware import LoadShedder, RequestObserver
 from .openapi import openapi_document
+from .security import ForwardAuthorization, target_tls
 from .views import http_date, last_modified, resource_view
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -42,7 +46,7 @@ READ_METHODS = "GET, HEAD, OPTIONS"
 INT64_MAX = 2**63 - 1
 CONDITIONAL_HEADERS = ("If-Match", "If-None-Match", "If-Unmodified-Since", "If-Modified-Since")
 EXPOSED_HEADERS = ("ETag", "Location", "Accept-Patch", "Last-Modified", "Retry-After",
-                   "Preference-Applied")
+                   "Preference-Applied", "X-Request-Id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,14 @@ class BridgeSettings:
     call_timeout_s: float = 5.0
     cors_allow_origins: tuple[str, ...] = ()
     heartbeat_s: float = 15.0
+    # Load shedding (README: "Operating casledger: limits, metrics and logs").
+    max_in_flight: int = 256
+    max_watchers: int = 512
+    # TLS (README: "Access control and TLS"): HTTPS on http_listen; TLS toward the service.
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
+    target_tls_ca: str = ""
+    target_tls_name: str = ""
 
     def __post_init__(self) -> None:
         for name in ("target", "http_listen"):
@@ -63,6 +75,13 @@ class BridgeSettings:
             raise ValueError("max_body_bytes must be between 1 and 67108864")
         if self.call_timeout_s <= 0 or self.heartbeat_s <= 0:
             raise ValueError("call_timeout_s and heartbeat_s must be positive")
+        if self.max_in_flight < 1 or self.max_watchers < 1:
+            raise ValueError("max_in_flight and max_watchers must be at least 1")
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ValueError("--http-tls-cert and --http-tls-key go together: give both or "
+                             "neither")
+        if self.target_tls_name and not self.target_tls_ca:
+            raise ValueError("--target-tls-name needs --target-tls-ca")
 
 
 def representation_headers(r: pb.Resource, request: Request) -> dict[str, str]:
@@ -105,11 +124,16 @@ async def read_body(request: Request) -> bytes:
         if len(declared.lstrip("0")) > len(str(limit)) or int(declared) > limit:
             raise _too_large(int(declared) if len(declared) <= 19 else None, limit)
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(total, limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(total, limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went away mid-body (or sent a body that is not HTTP, which uvicorn has
+        # answered already): nothing was written, and no one will read this answer.
+        raise bad_request("the connection closed before the whole body arrived") from None
     return b"".join(chunks)
 
 
@@ -479,24 +503,34 @@ def create_app(settings: BridgeSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with connect(settings.target, call_timeout=settings.call_timeout_s) as client:
+        tls_ca, options = target_tls(settings.target_tls_ca, settings.target_tls_name)
+        async with connect(settings.target, call_timeout=settings.call_timeout_s,
+                           tls_ca=tls_ca, options=options) as client:
             yield {"ledger": client, "settings": settings}
 
-    middleware = []
+    metrics = BridgeMetrics()
+    requests, streams = Gate(settings.max_in_flight), Gate(settings.max_watchers)
+    metrics.track(in_flight=lambda: requests.in_flight, sse_streams=lambda: streams.in_flight)
+    # Outermost: every request gets its id, metrics and access line, CORS preflights too.
+    middleware = [Middleware(RequestObserver, metrics=metrics)]
     if settings.cors_allow_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.cors_allow_origins),
             allow_methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "POST", "OPTIONS"],
             allow_headers=[*CONDITIONAL_HEADERS, "Content-Type", "Idempotency-Key", "Prefer",
-                           REASON_HEADER, "Authorization", "Last-Event-ID"],
+                           REASON_HEADER, "Authorization", "Last-Event-ID", "X-Request-Id"],
             expose_headers=list(EXPOSED_HEADERS), max_age=600,
         ))
+    middleware.append(Middleware(ForwardAuthorization))
+    middleware.append(Middleware(LoadShedder, requests=requests, streams=streams,
+                                 metrics=metrics))
     methods = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "POST", "OPTIONS"]
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/metrics", metrics.endpoint, methods=["GET"]),
             Route("/v1:watch", watch_all, methods=methods),
             Route("/v1/{path:path}", guarded, methods=methods),
         ],

@@ -40,6 +40,9 @@ HTTP_STATUS: dict[str, tuple[int, str]] = {
     "WATCHER_TOO_SLOW": (503, "Watcher too slow"),
     "SHUTTING_DOWN": (503, "Service shutting down"),
     "STORAGE_UNAVAILABLE": (503, "Storage unavailable"),
+    # The service's own load shedding: the server is temporarily overloaded (RFC 9110 §15.6.4),
+    # not this client over a rate (429); a retry after Retry-After, here or elsewhere, may pass.
+    "OVERLOADED": (503, "Service overloaded"),
     "UNAUTHENTICATED": (401, "Unauthenticated"),
     "PERMISSION_DENIED": (403, "Permission denied"),
 }
@@ -104,6 +107,9 @@ def from_call_error(error: LedgerCallError, *, status: int | None = None,
         headers["ETag"] = current_etag
     if status == 428:
         headers["Cache-Control"] = "no-store"
+    retry_after = meta.get("retry_after_s", "")
+    if status in RETRYABLE and retry_after.isascii() and retry_after.isdigit():
+        headers["Retry-After"] = retry_after
     reason = error.reason or error.code.name
     fields: dict[str, Any] = {
         "current_etag": current_etag,

@@ -131,6 +131,10 @@ HEADERS: dict[str, tuple[str, JSON]] = {
     "Content-Length": ("The length of the representation a GET would return.",
                        {"type": "integer", "minimum": 0}),
     "WWW-Authenticate": ("The authentication scheme the service expects.", {"type": "string"}),
+    "X-Request-Id": ("The request's id: the client's own X-Request-Id when it is 1 to 128 "
+                     "visible ASCII characters, else one the bridge made. The service logs it "
+                     "with every call the request made.",
+                     {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"}),
 }
 
 
@@ -143,8 +147,8 @@ def response(description: str, *, header_names: tuple[str, ...] = (),
              optional: tuple[str, ...] = (), content: JSON | None = None,
              links: JSON | None = None) -> JSON:
     out: JSON = {"description": description}
-    if header_names or optional:
-        out["headers"] = headers(*header_names, optional=optional)
+    # Every answer of the bridge's own carries its request id (see middleware.py).
+    out["headers"] = headers(*header_names, optional=(*optional, "X-Request-Id"))
     if content is not None:
         out["content"] = content
     if links:
@@ -236,8 +240,9 @@ PROBLEMS: dict[int, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     500: ("InternalError", "A bridge bug; nothing was written unless a later read shows it.",
           (), ()),
     502: ("BadGateway", "The service failed in an unexpected way.", (), ()),
-    503: ("ServiceUnavailable", "The service is unreachable or not serving.", ("Retry-After",),
-          ()),
+    503: ("ServiceUnavailable", "The service is unreachable or not serving, or the bridge or "
+          "the service is at its bound of in-flight work (reason OVERLOADED); nothing was done.",
+          ("Retry-After",), ()),
     504: ("GatewayTimeout", "The service did not answer in time.", ("Retry-After",), ()),
 }
 SERVICE_ERRORS = (401, 403, 429, 500, 502, 503, 504)
@@ -520,6 +525,9 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": probe("readyz", "The ledger service is reachable", "Ready.", status, 503),
             "/openapi.json": probe("openapi", "This document", "The OpenAPI document.",
                                    json_body({"type": "object"})),
+            "/metrics": probe("metrics", "Prometheus metrics of this bridge", "The Prometheus "
+                              "text exposition format.",
+                              {"text/plain": {"schema": {"type": "string"}}}),
         },
         "components": {
             "schemas": schemas(),

@@ -7,6 +7,14 @@ queue, sending a heartbeat comment whenever nothing arrived for ``heartbeat_s``.
 client therefore pushes back on the gRPC stream instead of growing memory; the service ends a
 watcher that falls too far behind, and the client gets an ``error`` event naming the revision
 to resume from.
+
+A client that stops reading altogether (a stalled connection: its TCP window stays shut) would
+hold its stream forever, bounded but never freed: :class:`EventStream` ends any stream whose
+client has not taken a chunk for ``STALL_HEARTBEATS`` heartbeat intervals. The watch is
+cancelled and the queue dropped at once; uvicorn then closes the connection, so a client that
+reads again gets what was already sent, then the end of the connection, and resumes with
+``Last-Event-ID``. Per stream the bridge holds at most ``QUEUE_EVENTS`` events plus what the
+gRPC and TCP flow-control windows let through.
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Send
 
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.client import LedgerCallError, LedgerClient, WatchStream
@@ -27,11 +37,15 @@ from .errors import bad_request, problem_type, status_of
 from .views import resource_view
 
 QUEUE_EVENTS = 64
+# A client that took no chunk for this many heartbeat intervals is ended (see EventStream).
+STALL_HEARTBEATS = 2
 RETRY_MS = 1000
 MAX_REVISION = 2**63 - 1
 EVENT_NAMES = {pb.WatchEvent.CREATED: "created", pb.WatchEvent.UPDATED: "updated",
                pb.WatchEvent.DELETED: "deleted"}
 _END = object()
+
+log = logging.getLogger("casledger.bridge")
 
 
 def start_revision(request: Request) -> int:
@@ -104,6 +118,9 @@ async def events(stream: WatchStream, heartbeat_s: float) -> AsyncIterator[str]:
     finally:
         stream.close()
         pump.cancel()
+        # Its last put (of _END) must not wait for a consumer that is gone: make room.
+        while not queue.empty():
+            queue.get_nowait()
         with contextlib.suppress(asyncio.CancelledError):
             await pump
 
@@ -117,5 +134,36 @@ async def watch(request: Request, prefix: str, client: LedgerClient,
     if request.method == "HEAD":
         stream.close()
         return Response(status_code=200, headers=headers, media_type="text/event-stream")
-    return StreamingResponse(events(stream, heartbeat_s),
-                             media_type="text/event-stream", headers=headers)
+    return EventStream(events(stream, heartbeat_s), stall_s=STALL_HEARTBEATS * heartbeat_s,
+                       media_type="text/event-stream", headers=headers)
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that gives up on a client which takes no chunk for `stall_s`
+    seconds, and always closes its event source when it ends (the watch, the pump)."""
+
+    def __init__(self, content: AsyncIterator[str], *, stall_s: float, media_type: str,
+                 headers: dict[str, str]) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self.content = content
+        self.stall_s = stall_s
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        try:
+            async for chunk in self.content:
+                try:
+                    await asyncio.wait_for(send({"type": "http.response.body",
+                                                 "body": chunk.encode(), "more_body": True}),
+                                           self.stall_s)
+                except TimeoutError:
+                    # Returning without the final chunk: uvicorn closes the connection.
+                    log.warning("an event-stream client took nothing for %.1f s; ending its "
+                                "stream", self.stall_s)
+                    return
+        finally:
+            close = getattr(self.content, "aclose", None)
+            if close is not None:
+                await close()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -2,8 +2,9 @@
 
 ``casledger serve`` runs the gRPC service and, in a process of its own, the HTTP bridge;
 ``casledger bridge`` runs a bridge alone. Every flag has a ``CASLEDGER_*`` variable. The
-inspection commands (get, history, diff, log, tail, verify, digest, export, import, stats) are
-declared here and run by :mod:`casledger.service.inspect` and :mod:`casledger.service.audit`.
+inspection commands (get, history, diff, log, tail, verify, digest, export, import, stats) and
+``migrate`` are declared here and run by :mod:`casledger.service.inspect`,
+:mod:`casledger.service.audit` and :mod:`casledger.service.migrate`.
 
 Exit codes: 0 ok, 1 verification failed, 2 usage error, 3 not found or service unavailable.
 """
@@ -23,7 +24,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..http_bridge.app import BridgeSettings
-from . import audit, inspect
+from . import audit, auth, inspect, logs, migrate
 from .config import Settings, SettingsError, env_name, flag_name, load
 from .inspect import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY_FAILED
 from .server import serve
@@ -50,9 +51,28 @@ _HELP = {
     "call_timeout_s": "deadline of each gRPC call the bridge makes, in seconds (default 5)",
     "cors_allow_origin": "allow browser code from ORIGIN (repeatable; off by default)",
     "heartbeat_s": "seconds between SSE heartbeat comments (default 15)",
+    "log_format": "auto (text on a terminal, JSON lines otherwise), json or text",
+    "max_in_flight": "requests (bridge) and unary calls (service) each process serves at once; "
+                     "past it, refused at once with 503 / RESOURCE_EXHAUSTED (default 256)",
+    "max_watchers": "SSE streams (bridge) and Watch streams (service) each process keeps open; "
+                    "past it, refused the same way (default 512)",
+    "metrics_listen": "HOST:PORT where the service serves Prometheus metrics (default: off; "
+                      "the bridge always serves GET /metrics)",
+    "auth_tokens_file": "require bearer tokens: this TOML file holds their hashes, scopes and "
+                        "prefixes (add one with `casledger token create`); off by default",
+    "insecure": "serve without access control even on a non-loopback address",
+    "tls_cert": "serve gRPC over TLS with this PEM certificate (chain); needs --tls-key",
+    "tls_key": "the PEM private key of --tls-cert",
+    "http_tls_cert": "serve HTTPS with this PEM certificate (chain); needs --http-tls-key",
+    "http_tls_key": "the PEM private key of --http-tls-cert",
+    "target_tls_ca": "reach the service over TLS, trusting these PEM certificates (serve: "
+                     "default --tls-cert itself)",
+    "target_tls_name": "the name to check in the service's certificate instead of the "
+                       "target's host",
 }
 # Bridge settings `serve` takes too (it derives `target` from its own gRPC port).
-_SERVE_BRIDGE_FIELDS = ("max_body_bytes", "call_timeout_s", "cors_allow_origins", "heartbeat_s")
+_SERVE_BRIDGE_FIELDS = ("max_body_bytes", "call_timeout_s", "cors_allow_origins", "heartbeat_s",
+                        "http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name")
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls: type[Any],
@@ -90,8 +110,47 @@ def build_parser() -> argparse.ArgumentParser:
     bridge_parser.add_argument("--log-level", default=os.environ.get(env_name("log_level"),
                                                                      "info"),
                                help=_HELP["log_level"])
+    bridge_parser.add_argument("--log-format", choices=("auto", "json", "text"),
+                               default=os.environ.get(env_name("log_format"), "auto"),
+                               help=_HELP["log_format"])
     _add_inspection_commands(commands)
+    migrate.add_command(commands)
+    _add_token_commands(commands)
     return parser
+
+
+def _add_token_commands(commands: Any) -> None:
+    token = commands.add_parser("token", help="manage access tokens (see --auth-tokens-file)")
+    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create", help="make a new token, print it once and add its hash to the tokens file",
+        description="Make a new random bearer token, print it once on stdout and append its "
+                    "SHA-256, principal, scopes and prefixes to the tokens file (created with "
+                    "mode 0600). The token itself is stored nowhere.")
+    create.add_argument("--principal", required=True,
+                        help="who the token is: recorded as the actor of what it writes")
+    create.add_argument("--scope", action="append", required=True, dest="scopes",
+                        choices=[scope.value for scope in auth.Scope],
+                        help="read, write or admin (all of them); repeatable")
+    create.add_argument("--prefix", action="append", default=[], dest="prefixes",
+                        metavar="PREFIX", help="limit the token to names under this "
+                        "whole-segment prefix; repeatable (default: the whole ledger)")
+    env_file = os.environ.get(env_name("auth_tokens_file"))
+    create.add_argument("--file", default=env_file, required=not env_file, metavar="PATH",
+                        help=f"the tokens file [env {env_name('auth_tokens_file')}]")
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    try:
+        token = auth.create_token(args.file, principal=args.principal, scopes=args.scopes,
+                                  prefixes=args.prefixes)
+    except (ValueError, OSError) as exc:
+        print(f"casledger: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(token)
+    print(f"casledger: added a token for {args.principal} to {args.file}; it is shown only "
+          "this once", file=sys.stderr)
+    return EXIT_OK
 
 
 def _count(text: str) -> int:
@@ -132,10 +191,17 @@ def _add_inspection_commands(commands: Any) -> None:
             parser.add_argument("--target", default=None, metavar="HOST:PORT",
                                 help="the gRPC service to ask (default 127.0.0.1:50051) "
                                      f"[env {inspect.TARGET_ENV}]")
+            parser.add_argument("--token", default=None, metavar="TOKEN",
+                                help="bearer token for a service with access control (the "
+                                     f"variable keeps it out of ps) [env {inspect.TOKEN_ENV}]")
+            parser.add_argument("--tls-ca", default=None, metavar="FILE",
+                                help="reach the service over TLS, trusting these PEM "
+                                     f"certificates [env {inspect.TLS_CA_ENV}]")
         if offline:
             parser.add_argument("--db", default=None, metavar="URL",
                                 help="read this ledger file instead, read-only (sqlite:///path "
-                                     f"or a path) [env {inspect.DB_ENV}]")
+                                     "or a path; or a database, postgresql://...) "
+                                     f"[env {inspect.DB_ENV}]")
         return parser
 
     get = add("get", "print a resource, or one of its versions")
@@ -166,6 +232,10 @@ def _add_inspection_commands(commands: Any) -> None:
     digest = add("digest", "print the ledger digest (R:hex) at a revision")
     digest.add_argument("--revision", type=_count, default=None, metavar="R",
                         help="default: the latest")
+    for parser in (verify, digest):
+        parser.add_argument("--jobs", "-j", type=_revision, default=None, metavar="N",
+                            help="offline: check a ledger file in N processes at once (default: "
+                                 "one per CPU for ledgers big enough to gain; 1: one pass)")
     export = add("export", "write every version with its hash as JSON Lines")
     export.add_argument("--output", "-o", default=None, metavar="FILE",
                         help="write here (default: stdout)")
@@ -192,14 +262,20 @@ def local_target(grpc_listen: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def bridge_command(bridge: BridgeSettings, log_level: str) -> list[str]:
+def bridge_command(bridge: BridgeSettings, log_level: str, log_format: str = "auto"
+                   ) -> list[str]:
     command = [sys.executable, "-m", "casledger.http_bridge", "--target", bridge.target,
                "--http-listen", bridge.http_listen, "--max-body-bytes",
                str(bridge.max_body_bytes), "--call-timeout-s", str(bridge.call_timeout_s),
                "--heartbeat-s", str(bridge.heartbeat_s), "--parent-pid", str(os.getpid()),
-               "--log-level", log_level]
+               "--log-level", log_level, "--log-format", log_format,
+               "--max-in-flight", str(bridge.max_in_flight),
+               "--max-watchers", str(bridge.max_watchers)]
     for origin in bridge.cors_allow_origins:
         command += ["--cors-allow-origin", origin]
+    for name in ("http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name"):
+        if getattr(bridge, name):
+            command += [flag_name(name), getattr(bridge, name)]
     return command
 
 
@@ -216,9 +292,12 @@ async def run_service(settings: Settings, bridge: BridgeSettings | None) -> int:
             return EXIT_OK
         bridge = BridgeSettings(**{
             **{f.name: getattr(bridge, f.name) for f in fields(BridgeSettings)},
-            "target": local_target(settings.grpc_listen, running.port)})
+            "target": local_target(settings.grpc_listen, running.port),
+            # A TLS service: its bridge trusts the service's own certificate unless told.
+            "target_tls_ca": bridge.target_tls_ca or settings.tls_cert})
         child = await asyncio.create_subprocess_exec(
-            *bridge_command(bridge, settings.log_level), stdin=subprocess.DEVNULL)
+            *bridge_command(bridge, settings.log_level, settings.log_format),
+            stdin=subprocess.DEVNULL)
         child_exit = asyncio.ensure_future(child.wait())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({child_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -243,29 +322,31 @@ async def run_bridge(bridge: BridgeSettings, parent_pid: int | None) -> int:
     return EXIT_OK
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _configure_logging(level: str, fmt: str = "auto") -> None:
+    logs.configure(level, fmt, sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = {**inspect.COMMANDS, **audit.COMMANDS}.get(args.command)
+    command = {**inspect.COMMANDS, **audit.COMMANDS, **migrate.COMMANDS}.get(args.command)
     if command is not None:
         return inspect.run(args, command)
+    if args.command == "token":
+        return run_token_create(args)
     try:
         if args.command == "serve":
             settings = load(Settings, os.environ, **_given(args, Settings))
             bridge = None if settings.no_http else load(
                 BridgeSettings, os.environ, **{k: v for k, v in _given(args, BridgeSettings)
                                                .items() if k in _SERVE_BRIDGE_FIELDS},
-                http_listen=settings.http_listen)
-            _configure_logging(settings.log_level)
+                http_listen=settings.http_listen, max_in_flight=settings.max_in_flight,
+                max_watchers=settings.max_watchers)
+            _configure_logging(settings.log_level, settings.log_format)
             coroutine = run_service(settings, bridge)
         else:
             bridge = load(BridgeSettings, os.environ, **_given(args, BridgeSettings))
-            _configure_logging(args.log_level)
+            _configure_logging(args.log_level, args.log_format)
             coroutine = run_bridge(bridge, args.parent_pid)
     except SettingsError as exc:
         parser.error(str(exc))

@@ -236,10 +236,14 @@ class LedgerClient:
 
 @asynccontextmanager
 async def connect(target: str = DEFAULT_TARGET, *, call_timeout: float = DEFAULT_TIMEOUT_S,
-                  options: list[tuple[str, Any]] | None = None) -> AsyncIterator[LedgerClient]:
-    """A client on a new channel to `target`; the channel closes when the block ends."""
-    channel = grpc.aio.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", 256 << 20), *(options or [])])
+                  options: list[tuple[str, Any]] | None = None,
+                  tls_ca: bytes | None = None) -> AsyncIterator[LedgerClient]:
+    """A client on a new channel to `target`; the channel closes when the block ends. With
+    `tls_ca` (PEM root certificates) the channel is TLS, verifying the service against them."""
+    all_options = [("grpc.max_receive_message_length", 256 << 20), *(options or [])]
+    channel = (grpc.aio.insecure_channel(target, options=all_options) if tls_ca is None else
+               grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(tls_ca),
+                                       options=all_options))
     try:
         yield LedgerClient(channel, call_timeout=call_timeout)
     finally:

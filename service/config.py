@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from .auth import exposure_problem
 from .storage import Durability, StoreOptions
 
 ENV_PREFIX = "CASLEDGER_"
@@ -32,6 +33,16 @@ class Settings:
     watch_queue: int = 1024
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
+    # Limits, metrics and logs (README: "Operating casledger: limits, metrics and logs").
+    log_format: str = "auto"
+    max_in_flight: int = 256
+    max_watchers: int = 512
+    metrics_listen: str = ""
+    # Access control and TLS (README: "Access control and TLS").
+    auth_tokens_file: str = ""
+    insecure: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_content_bytes <= 64 << 20:
@@ -42,10 +53,28 @@ class Settings:
             raise SettingsError("watch_queue must be at least 16")
         if self.shutdown_grace_s < 0:
             raise SettingsError("shutdown_grace_s must not be negative")
+        if self.log_format not in ("auto", "json", "text"):
+            raise SettingsError("log_format must be auto, json or text")
+        if self.max_in_flight < 1 or self.max_watchers < 1:
+            raise SettingsError("max_in_flight and max_watchers must be at least 1")
+        if self.metrics_listen:
+            host, sep, port = self.metrics_listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise SettingsError("metrics_listen must be HOST:PORT (or empty: off), not "
+                                    f"{self.metrics_listen!r}")
         for name in ("grpc_listen", "http_listen"):
             host, sep, port = getattr(self, name).rpartition(":")
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 raise SettingsError(f"{name} must be HOST:PORT, not {getattr(self, name)!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("--tls-cert and --tls-key go together: give both or neither")
+        listens = [("--grpc-listen", self.grpc_listen)]
+        if not self.no_http:
+            listens.append(("--http-listen", self.http_listen))
+        problem = exposure_problem(listens=listens, tokens=bool(self.auth_tokens_file),
+                                   insecure=self.insecure)
+        if problem:
+            raise SettingsError(problem)
 
     @property
     def store_options(self) -> StoreOptions:

@@ -23,7 +23,10 @@ status codes lives in ``servicer.py``; the mapping to HTTP statuses in ``http_br
     ├── PatchConflict                  PATCH_CONFLICT
     ├── WatcherTooSlow                 WATCHER_TOO_SLOW (resume_revision)
     ├── ShuttingDown                   SHUTTING_DOWN (resume_revision)
-    └── StorageUnavailable             STORAGE_UNAVAILABLE
+    ├── StorageUnavailable             STORAGE_UNAVAILABLE
+    ├── Overloaded                     OVERLOADED (retry_after_s)
+    ├── Unauthenticated                UNAUTHENTICATED
+    └── PermissionDenied               PERMISSION_DENIED (principal, scope | name)
 """
 
 from __future__ import annotations
@@ -166,11 +169,14 @@ class VersionMismatch(_AboutCurrent):
     reason = "VERSION_MISMATCH"
 
     def __init__(self, *, name: str, expected: str, current: CurrentState | None) -> None:
+        # The status message travels in gRPC metadata (16 KiB at most): quote only the start of
+        # whatever the client sent (a 100 KB If-Match once overflowed it).
+        shown = expected if len(expected) <= 120 else expected[:117] + "..."
         if current is None:
-            message = f"{name} does not exist, so it cannot match {expected}"
+            message = f"{name} does not exist, so it cannot match {shown}"
         else:
             message = (f"{name} is at version {current.version} (etag {current.etag}), not "
-                       f"{expected}: re-read it and retry")
+                       f"{shown}: re-read it and retry")
         super().__init__(message, name=name, current=current)
         self.expected = expected
 
@@ -265,3 +271,47 @@ class StorageUnavailable(LedgerError):
     """The store cannot be reached or is busy; the write was not applied and may be retried."""
 
     reason = "STORAGE_UNAVAILABLE"
+
+
+class Overloaded(LedgerError):
+    """The process is at its bound of in-flight work and refused this call at once, without
+    doing any of it; retry after `retry_after_s` seconds (elsewhere, or with backoff)."""
+
+    reason = "OVERLOADED"
+
+    def __init__(self, *, limit: int, what: str = "calls", retry_after_s: int = 1) -> None:
+        super().__init__(f"the service is at its limit of {limit} in-flight {what}; retry "
+                         f"after {retry_after_s} s")
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+    def metadata(self) -> dict[str, str]:
+        return {"retry_after_s": str(self.retry_after_s)}
+
+
+class Unauthenticated(LedgerError):
+    """The call carries no bearer token, or one the service does not know (or has revoked)."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LedgerError):
+    """A valid token that may not do this: it lacks the `scope`, or `name` (a resource name,
+    a parent collection, a watch prefix) lies outside its prefixes."""
+
+    reason = "PERMISSION_DENIED"
+
+    def __init__(self, message: str, *, principal: str, scope: str = "",
+                 name: str = "") -> None:
+        super().__init__(message)
+        self.principal = principal
+        self.scope = scope
+        self.name = name
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"principal": self.principal}
+        if self.scope:
+            meta["scope"] = self.scope
+        if self.name:
+            meta["name"] = self.name
+        return meta

@@ -84,7 +84,7 @@ async def replay(client: LedgerClient, start: int = 1, prefix: str = "", *,
 async def follow(target: str, on_version: Callable[[Version], None], *, prefix: str = "",
                  start: int = 0, limit: int = 0,
                  on_retry: Callable[[str, float, int], None] | None = None,
-                 max_backoff: float = MAX_BACKOFF_S) -> int:
+                 max_backoff: float = MAX_BACKOFF_S, tls_ca: bytes | None = None) -> int:
     """Deliver every version under `prefix` from revision `start` (0 = from now) to
     `on_version`, in order, exactly once, until `limit` versions (0 = forever). Returns how many
     were delivered. `on_retry(why, delay_s, next_revision)` is told of each reconnection."""
@@ -93,7 +93,7 @@ async def follow(target: str, on_version: Callable[[Version], None], *, prefix: 
     delay = INITIAL_BACKOFF_S
     while True:
         try:
-            async with connect(target) as client:
+            async with connect(target, tls_ca=tls_ca) as client:
                 stream = await client.open_watch(prefix, 0 if last is None else last + 1)
                 if last is None:
                     last = stream.revision

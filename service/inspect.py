@@ -49,24 +49,25 @@ from rich.text import Text
 
 from . import content as content_rules
 from . import errors, model
-from .client import DEFAULT_TARGET, LedgerCallError, LedgerClient, connect
+from .client import DEFAULT_TARGET, LedgerCallError, LedgerClient, call_metadata, connect
 from .follow import follow, from_resource, replay
 from .jsondiff import diff_json, diff_text
 from .model import Version
 from .report import Output, format_time, version_view
+from .storage import LedgerReader, is_postgres
+from .storage import open_reader as open_ledger_reader
 from .storage.sqlite import sqlite_path
 from .storage.sqlite_offline import (
     LedgerFileError,
-    SQLiteReader,
     StoreBusy,
     StoreNotEmpty,
-    open_sqlite_reader,
 )
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 # Interrupted (Ctrl-C) before it finished: the shell's convention, 128 + SIGINT.
 EXIT_INTERRUPTED = 130
 TARGET_ENV, DB_ENV = "CASLEDGER_TARGET", "CASLEDGER_DB"
+TOKEN_ENV, TLS_CA_ENV = "CASLEDGER_TOKEN", "CASLEDGER_TLS_CA"
 ONLINE, OFFLINE = "online", "offline"
 # (online, offline) per command.
 MODES: dict[str, tuple[bool, bool]] = {
@@ -100,11 +101,14 @@ def mode_of(args: argparse.Namespace) -> str:
 
 
 def db_path(args: argparse.Namespace) -> str:
-    """The ledger file of an offline command: ``sqlite:///path`` or a plain path."""
+    """The ledger of an offline command: the path of ``sqlite:///path`` (or a plain path), or
+    a ``postgresql://`` URL as given."""
     url = getattr(args, "db", None) or os.environ.get(DB_ENV, "")
     if not url:
         raise CommandFailed(f"{args.command} reads a ledger file: give --db sqlite:///path "
                             f"(or set {DB_ENV})", EXIT_USAGE)
+    if is_postgres(url):
+        return url
     if url.startswith("sqlite:"):
         try:
             return sqlite_path(url)
@@ -112,13 +116,14 @@ def db_path(args: argparse.Namespace) -> str:
             raise CommandFailed(str(exc), EXIT_USAGE) from None
     if "://" in url:
         raise CommandFailed(f"offline commands read SQLite ledger files (sqlite:///path or a "
-                            f"path), not {url.split('://', 1)[0]}", EXIT_USAGE)
+                            f"path) or PostgreSQL databases (postgresql://...), not "
+                            f"{url.split('://', 1)[0]}", EXIT_USAGE)
     return url
 
 
 @contextmanager
-def open_reader(args: argparse.Namespace) -> Iterator[SQLiteReader]:
-    with open_sqlite_reader(db_path(args)) as reader:
+def open_reader(args: argparse.Namespace) -> Iterator[LedgerReader]:
+    with open_ledger_reader(db_path(args)) as reader:
         yield reader
 
 
@@ -126,9 +131,28 @@ def target_of(args: argparse.Namespace) -> str:
     return getattr(args, "target", None) or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
 
 
+def tls_ca_of(args: argparse.Namespace) -> bytes | None:
+    """The PEM root certificates of --tls-ca / CASLEDGER_TLS_CA, or None (plaintext)."""
+    path = getattr(args, "tls_ca", None) or os.environ.get(TLS_CA_ENV)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise CommandFailed(f"cannot read --tls-ca {path}: {exc.strerror}", EXIT_USAGE) from None
+
+
+def token_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The authorization metadata of --token / CASLEDGER_TOKEN, if any."""
+    token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV)
+    return (("authorization", f"Bearer {token.strip()}"),) if token else ()
+
+
 def call_online(args: argparse.Namespace, call: Callable[[LedgerClient], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with connect(target_of(args)) as client:
+        call_metadata.set((*call_metadata.get(), *token_metadata(args)))  # this task's calls
+        async with connect(target_of(args), tls_ca=tls_ca_of(args)) as client:
             return await call(client)
 
     return asyncio.run(run())
@@ -309,9 +333,11 @@ def cmd_tail(args: argparse.Namespace, out: Output) -> int:
             task = asyncio.current_task()
             assert task is not None
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        call_metadata.set((*call_metadata.get(), *token_metadata(args)))  # this task's calls
         with contextlib.suppress(asyncio.CancelledError):
             await follow(target_of(args), out.version_line, prefix=prefix, start=args.start,
-                         limit=args.limit, on_retry=retrying, max_backoff=args.max_backoff)
+                         limit=args.limit, on_retry=retrying, max_backoff=args.max_backoff,
+                         tls_ca=tls_ca_of(args))
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
@@ -337,6 +363,8 @@ def run(args: argparse.Namespace, command: Command) -> int:
     except LedgerCallError as error:
         if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             out.error(f"cannot reach the service at {target_of(args)}: {error.message}")
+        elif error.code == grpc.StatusCode.UNAUTHENTICATED:
+            out.error(f"{error.message} (give --token or set {TOKEN_ENV})")
         else:
             out.error(error.message or str(error))
         return EXIT_USAGE if error.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_UNAVAILABLE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc
@@ -18,8 +19,8 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from . import auth, errors, model
 from . import content as content_rules
-from . import errors, model
 from . import patch as patch_rules
 from .api.casledger.v1 import ledger_pb2 as pb
 from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -50,22 +51,44 @@ GRPC_CODES: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
+
+# The authenticated principal of the call being handled (each RPC runs in a task of its own).
+_principal: ContextVar[str] = ContextVar("casledger_principal", default=model.ANONYMOUS)
 
 
 def grpc_code(error: errors.LedgerError) -> grpc.StatusCode:
     return GRPC_CODES.get(type(error), grpc.StatusCode.INTERNAL)
 
 
+# The status travels in trailers, and clients refuse metadata past 8-16 KiB (the call then fails
+# with RESOURCE_EXHAUSTED and no ErrorInfo): what an error quotes of its input is cut short.
+MAX_MESSAGE_BYTES = 1000
+MAX_METADATA_VALUE_BYTES = 600
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut to at most `limit` bytes of UTF-8 (ending in "...") when longer."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit - 3].decode(errors="ignore") + "..."
+
+
 def to_status(error: errors.LedgerError) -> grpc.Status:
     """The gRPC status of a domain error, ErrorInfo in its details."""
-    info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata()
-    )
+    metadata = {key: bounded(value, MAX_METADATA_VALUE_BYTES)
+                for key, value in error.metadata().items()}
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     code = grpc_code(error)
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    status = status_pb2.Status(code=code.value[0], message=bounded(error.message,
+                                                                   MAX_MESSAGE_BYTES),
+                               details=[detail])
     return rpc_status.to_status(status)
 
 
@@ -193,8 +216,12 @@ def _unary(
     async def handler(self: LedgerServicer, request: Request,
                       context: grpc.aio.ServicerContext) -> Response:
         try:
+            principal = _principal.set(self._admit(method.__name__, request, context))
             check_request(request)
-            return await method(self, request, context)
+            try:
+                return await method(self, request, context)
+            finally:
+                _principal.reset(principal)
         except errors.LedgerError as error:
             await context.abort_with_status(to_status(error))
             raise AssertionError("abort_with_status returns only by raising") from error
@@ -207,12 +234,24 @@ def _unary(
 class LedgerServicer(pb_grpc.LedgerServicer):
     """The `casledger.v1.Ledger` service over a :class:`~casledger.service.storage.Store`."""
 
-    def __init__(self, store: Store, *, max_content_bytes: int) -> None:
+    def __init__(self, store: Store, *, max_content_bytes: int,
+                 tokens: auth.TokenFile | None = None) -> None:
         self._store = store
         self._limit = max_content_bytes
+        self._tokens = tokens
 
     def _actor(self, context: grpc.aio.ServicerContext) -> str:
-        return model.ANONYMOUS
+        return _principal.get()
+
+    def _admit(self, method: str, request: Message | Unparseable,
+               context: grpc.aio.ServicerContext) -> str:
+        """The caller's principal, once its bearer token proves who it is and that it may make
+        this call (anonymous without access control); Unauthenticated / PermissionDenied."""
+        if self._tokens is None:
+            return model.ANONYMOUS
+        grant = self._tokens.authenticate(context.invocation_metadata())
+        auth.authorize(grant, method, None if isinstance(request, Unparseable) else request)
+        return grant.principal
 
     @_unary
     async def GetResource(self, request: pb.GetResourceRequest,
@@ -325,6 +364,7 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     async def Watch(self, request: pb.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
         try:
+            self._admit("Watch", request, context)
             check_request(request)
             prefix = model.validate_prefix(request.prefix)
             if request.start_revision < 0:

@@ -73,6 +73,12 @@ class WatchHub:
     def watchers(self) -> int:
         return len(self._subscriptions)
 
+    @property
+    def overflowed(self) -> int:
+        """Watchers whose queue filled: no longer queued for, ended at their next read."""
+        # list() copies the set in one step: a metrics scrape may read this from its thread.
+        return sum(1 for subscription in list(self._subscriptions) if subscription.overflowed)
+
     def publish(self, versions: Iterable[Version]) -> None:
         """Hand committed versions, in revision order, to every subscription. Never blocks."""
         for version in versions:

@@ -32,6 +32,7 @@ from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
 from casledger.service.storage import Durability
 from casledger.service.storage.sqlite import sqlite_path
+from tests.support import postgres
 
 # The content limit of `small_server`.
 SMALL_LIMIT = 1024
@@ -39,6 +40,7 @@ SMALL_LIMIT = 1024
 SLOW_QUEUE = 16
 
 RawCall = Callable[[str, bytes], Awaitable[bytes]]
+NewLedger = Callable[[str], str]
 
 
 def read_revision(db: Path) -> int:
@@ -50,16 +52,19 @@ def read_revision(db: Path) -> int:
 
 @pytest.fixture
 def ledger_revision(settings: Settings) -> Callable[[], int]:
-    """Reads the latest revision of the `server` fixture's ledger straight from its file."""
+    """Reads the latest revision of the `server` fixture's ledger straight from its file (or
+    its PostgreSQL database, over a connection of its own)."""
+    if not settings.db.startswith("sqlite:"):
+        return lambda: postgres.latest_revision(settings.db)
     path = Path(sqlite_path(settings.db))
     return lambda: read_revision(path)
 
 
 @pytest.fixture
-async def small_server(settings: Settings, tmp_path: Path) -> AsyncIterator[RunningServer]:
+async def small_server(settings: Settings, new_ledger: NewLedger
+                       ) -> AsyncIterator[RunningServer]:
     """A server whose content limit is SMALL_LIMIT bytes."""
-    small = settings.replace(db=f"sqlite:///{tmp_path / 'small.db'}",
-                             max_content_bytes=SMALL_LIMIT)
+    small = settings.replace(db=new_ledger("small"), max_content_bytes=SMALL_LIMIT)
     async with serve(small) as running:
         yield running
 
@@ -71,10 +76,11 @@ async def small_client(small_server: RunningServer) -> AsyncIterator[LedgerClien
 
 
 @pytest.fixture
-async def slow_server(settings: Settings, tmp_path: Path) -> AsyncIterator[RunningServer]:
+async def slow_server(settings: Settings, new_ledger: NewLedger
+                      ) -> AsyncIterator[RunningServer]:
     """A server whose watchers may queue only SLOW_QUEUE live versions. Durability NORMAL: the
     slow-watcher test writes thousands of versions and does not test fsync."""
-    slow = settings.replace(db=f"sqlite:///{tmp_path / 'slow.db'}", watch_queue=SLOW_QUEUE,
+    slow = settings.replace(db=new_ledger("slow"), watch_queue=SLOW_QUEUE,
                             durability=Durability.NORMAL)
     async with serve(slow) as running:
         yield running

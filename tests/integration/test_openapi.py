@@ -37,6 +37,7 @@ EXAMPLE_PATHS = {
     "/healthz": "/healthz",
     "/readyz": "/readyz",
     "/openapi.json": "/openapi.json",
+    "/metrics": "/metrics",
 }
 # Headers the bridge reads (Content-Type is the request body's media type in OpenAPI).
 REQUEST_HEADERS = {*bridge_app.CONDITIONAL_HEADERS, bridge_app.REASON_HEADER, "Idempotency-Key",
@@ -226,7 +227,7 @@ def test_the_412_and_428_semantics_are_documented() -> None:
     assert required["headers"]["Cache-Control"]["required"]
     assert not required["headers"]["ETag"]["required"]
     assert "current" in failed["description"]
-    assert set(failed["headers"]) == {"ETag"}
+    assert set(failed["headers"]) == {"ETag", "X-Request-Id"}
     problem = doc["components"]["schemas"]["Problem"]["properties"]
     assert {"current_etag", "current_version", "required_header", "reason"} <= set(problem)
     for name in ("putResource", "patchResource", "deleteResource"):

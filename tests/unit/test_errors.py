@@ -43,6 +43,11 @@ SAMPLES: dict[type[LedgerError], LedgerError] = {
     errors.WatcherTooSlow: errors.WatcherTooSlow(resume_revision=42),
     errors.ShuttingDown: errors.ShuttingDown(resume_revision=7),
     errors.StorageUnavailable: errors.StorageUnavailable("the SQLite store failed: disk I/O"),
+    errors.Overloaded: errors.Overloaded(limit=256, retry_after_s=1),
+    errors.Unauthenticated: errors.Unauthenticated("the bearer token is not valid"),
+    errors.PermissionDenied: errors.PermissionDenied("reader may not call CreateResource",
+                                                     principal="reader", scope="write",
+                                                     name="documents/1"),
 }
 
 # What ARCHITECTURE.md's error table promises, reason by reason.
@@ -59,6 +64,8 @@ CONTRACT_CODES = {
     "PATCH_CONFLICT": grpc.StatusCode.FAILED_PRECONDITION,
     "IDEMPOTENCY_KEY_REUSED": grpc.StatusCode.INVALID_ARGUMENT,
     "CONTENT_TOO_LARGE": grpc.StatusCode.INVALID_ARGUMENT,
+    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 SCREAMING_SNAKE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
@@ -228,6 +235,8 @@ CONTRACT_HTTP = {
     "PATCH_CONFLICT": 409,
     "IDEMPOTENCY_KEY_REUSED": 422,
     "CONTENT_TOO_LARGE": 413,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
 }
 
 
