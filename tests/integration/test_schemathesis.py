@@ -2,7 +2,7 @@
 gRPC service, every documented operation fuzzed with schema-valid and schema-violating requests,
 then the OpenAPI links followed statefully (create -> read -> If-Match write -> delete -> ...), so
 the compare-and-swap paths (201, 200, 304, 204 and stale-ETag 412s) are reached, not only the
-400/404/428 that random names and random entity-tags get. About 670 cases, in about 20 seconds.
+400/404/428 that random names and random entity-tags get. About 760 cases, in about 25 seconds.
 
 Every response must not be a server error and must conform to the document: a documented status
 code and media type, every required response header present and well-formed, and a body (problem
@@ -51,7 +51,9 @@ from casledger.service.server import RunningServer
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
-MIN_CASES = 300
+# The run generates ~600-760 cases depending on how many link scenarios it reaches (fewer on
+# a loaded machine); the floor guards against a run that silently generates next to nothing.
+MIN_CASES = 500
 # Examples per operation and generation mode; a watch costs STREAM_TIMEOUT_S per example.
 EXAMPLES = {GenerationMode.POSITIVE: 15, GenerationMode.NEGATIVE: 8}
 WATCH_EXAMPLES = 4
@@ -162,6 +164,7 @@ async def test_the_bridge_conforms_to_its_openapi_document(server: RunningServer
     report = await asyncio.to_thread(fuzz, app)
 
     assert not report.failures, "\n\n".join(report.failures)
+    print(f"\nschemathesis: {report.cases} cases")
     assert report.cases >= MIN_CASES, report.cases
     assert set(report.statuses) == documented_operations()
     # The links took the run past the refusals, into the compare-and-swap itself.

@@ -1,0 +1,44 @@
+"""Load shedding: bounds on in-flight work that refuse at once instead of queueing.
+
+A :class:`Gate` admits up to `limit` units of work and refuses the next one immediately: past
+the bound, a caller is told to come back (RESOURCE_EXHAUSTED / OVERLOADED with
+``retry_after_s`` over gRPC, 503 with ``Retry-After`` over HTTP) rather than made to wait in a
+queue that grows with the load and answers everyone late. The service keeps one gate for unary
+calls and one for Watch streams; the bridge one for requests and one for SSE streams.
+"""
+
+from __future__ import annotations
+
+# What a refused caller is told to wait before retrying, in seconds.
+RETRY_AFTER_S = 1
+# Room above the interceptor's bounds for what it does not limit (health checks, reflection,
+# the refusals themselves) before gRPC's own `maximum_concurrent_rpcs` backstop refuses.
+BACKSTOP_HEADROOM = 64
+
+
+class Gate:
+    """Admits up to `limit` concurrent units of work; never queues. Event-loop confined."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a gate's limit must be at least 1")
+        self.limit = limit
+        self.in_flight = 0
+
+    def try_enter(self) -> bool:
+        """Take a slot and return True, or return False at once when all are taken."""
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self) -> None:
+        if self.in_flight <= 0:
+            raise RuntimeError("Gate.leave() without a matching try_enter()")
+        self.in_flight -= 1
+
+
+def backstop(max_in_flight: int, max_watchers: int) -> int:
+    """The process-wide hard limit behind the gates (gRPC's `maximum_concurrent_rpcs`,
+    uvicorn's `limit_concurrency`): it only acts when something bypasses them."""
+    return max_in_flight + max_watchers + BACKSTOP_HEADROOM
