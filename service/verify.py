@@ -19,6 +19,32 @@ revision's number, hash and time. A chain of one resource cannot be checked in r
 with less: the link from version n to n+1 may span the whole ledger. (Two passes could make it
 constant — the second in (name, version) order over the unique index — at twice the reading.)
 
+Speed. :meth:`Verifier.feed_rows` takes database rows (tuples of the :class:`Version` fields, in
+order) and checks each with one :func:`~casledger.service.model.compute_hash_row` and a handful
+of comparisons, state in locals; a row that fails any of them (or that it cannot read) goes to
+the slow path, which redoes that row's checks the way they are written out in :meth:`_judge`
+and :meth:`_diagnose` and says what is wrong. Only rows that are fine take the fast path, so
+both paths report the same.
+
+Slices. ``casledger verify --jobs N`` cuts the revisions into N contiguous slices and checks
+them at once in N processes. A worker checks its slice with :meth:`Verifier.for_slice`: every
+row's hash and every link inside the slice as usual; the rows whose checks need what came
+before the slice — its first row (the ledger chain) and each resource's first row in it (the
+resource's chain) — are settled as far as the slice can settle them (the hash, the content's
+length) and handed back as :class:`Pending` rows in a :class:`SliceSummary`, with the state at the
+slice's end (each resource's last version, the last revision) and, if it holds the digest's
+revision, each resource's head there. The parent feeds the first slice itself and
+:meth:`Verifier.absorb` s the others in order: it judges each pending row against the state the
+earlier slices left (the same :meth:`_judge`), merges the problems by revision and takes the
+slice's end state as its own. The problems, their order and the final state are those of a
+single pass over the same rows.
+
+That needs one thing the slice cannot see: that the rows before it left ordinary values in the
+state (integer revisions and versions, byte-string hashes). A hand edit that stores, say, a
+revision as text leaves a value the checks after it trip over differently; a worker that meets
+such a row (or a malformed one) gives up on its slice, and so does :meth:`absorb` once the rows
+it was fed did: the parent then reads those slices itself, in one pass.
+
 Digest. ``R:hex``, where hex is the SHA-256 over the digest format tag, R, the hash of revision R
 and every resource's head as of R (name, version, hash; sorted by name), each length-prefixed.
 The hash of revision R already commits to the whole ledger up to R through the ledger chain, so a
@@ -30,17 +56,30 @@ reveal. The heads make the digest say what the ledger held at R.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import re
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Any
 
-from .model import Version, compute_hash
+from .model import Version, compute_hash, compute_hash_row
 
 DIGEST_FORMAT = b"casledger-digest/v1"
 _DIGEST = re.compile(r"(0|[1-9][0-9]{0,18}):([0-9a-f]{64})")
 _NEVER = sys.maxsize
+# What a row whose columns hold values of the wrong type (only a hand edit does that) raises.
+_UNREADABLE = (TypeError, ValueError, AttributeError, OverflowError)
+# The hash of the revision before a slice, to its worker: unknown, and equal to no hash.
+_UNKNOWN: Any = object()
+
+Row = tuple[Any, ...]
+"""A version as a database row: the :class:`Version` fields, in order (``ROW_FIELDS``)."""
+ROW_FIELDS = tuple(f.name for f in fields(Version))
+# (revision, hash, update_time_us, name, version) of the last row before a point.
+LedgerState = tuple[Any, Any, Any, Any, Any]
 
 
 class ProblemKind(Enum):
@@ -98,16 +137,78 @@ def ledger_digest(revision: int, revision_hash: bytes,
                   heads: Iterable[tuple[str, int, bytes]]) -> Digest:
     """The digest at `revision` (whose hash is `revision_hash`) of `heads` sorted by name."""
     h = hashlib.sha256()
-    for part in (DIGEST_FORMAT, str(revision).encode(), revision_hash):
+    for part in (DIGEST_FORMAT, str(revision).encode(), _bytes(revision_hash)):
         h.update(len(part).to_bytes(4, "big") + part)
     for name, version, digest in heads:
-        for part in (name.encode(), str(version).encode(), digest):
+        for part in (name.encode(), str(version).encode(), _bytes(digest)):
             h.update(len(part).to_bytes(4, "big") + part)
     return Digest(revision, h.digest())
 
 
+def _bytes(value: object) -> bytes:
+    # A hash column a hand edit made text: that ledger fails verification (its hash cannot
+    # match), but verify still prints the digest it found, rather than crashing.
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+
 def _hex8(value: bytes) -> str:
     return value[:8].hex() if value else "(none)"
+
+
+def row_of(v: Version) -> Row:
+    """`v` as a row (its fields in order)."""
+    return (v.name, v.version, v.revision, v.content, v.content_type, v.create_time_us,
+            v.update_time_us, v.actor, v.reason, v.deleted, v.previous_hash,
+            v.ledger_previous_hash, v.hash, v.size)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A row of a slice whose checks need the rows before the slice, without its content: what
+    the content decides (``hash_differs``, ``content_length``) is settled by the worker, which
+    had it. ``before``: the ledger state just before the row, unless the row is the slice's
+    first (then it is the state the earlier slices end with)."""
+
+    name: str
+    version: int
+    revision: int
+    content_type: str
+    update_time_us: int
+    deleted: Any  # the stored flag, as read (the checks say whether it is 0 or 1)
+    previous_hash: bytes
+    ledger_previous_hash: bytes
+    size: Any
+    hash_differs: bool
+    content_length: int
+    before: LedgerState | None
+
+    def stand_in(self) -> Version:
+        """The row as a Version the checks can read (the content is never looked at)."""
+        return Version(self.name, self.version, self.revision, b"", self.content_type, 0,
+                       self.update_time_us, "", "", self.deleted, self.previous_hash,
+                       self.ledger_previous_hash, b"", self.size)
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSummary:
+    """What a worker found in its slice of the revisions; see the module docstring.
+
+    ``gave_up``: why the slice must be checked in one pass instead ("" when it need not; then
+    nothing else in the summary is meaningful). ``problems``: the first ``max_problems`` found
+    inside the slice (``problem_count`` counts all). ``last``: the ledger state after the
+    slice's last row (None: no rows). ``heads``: each resource's last (version, hash, deleted)
+    in the slice. ``snapshot``: the slice's first row at or past the digest's revision — its
+    revision, its hash, and each resource's (version, hash) in the slice up to it."""
+
+    gave_up: str
+    versions: int
+    problem_count: int
+    problems: tuple[Problem, ...]
+    pending: tuple[Pending, ...]
+    last: LedgerState | None
+    heads: dict[str, tuple[int, bytes, bool]]
+    snapshot: tuple[int, bytes, dict[str, tuple[int, bytes]]] | None
 
 
 class Verifier:
@@ -121,18 +222,38 @@ class Verifier:
         self.problem_count = 0
         self.problems: list[Problem] = []
         self.max_problems = max_problems
+        # The state: values as read, so of any type on a hand-edited file (see _judge).
         self._heads: dict[str, tuple[int, bytes, bool]] = {}
-        self._revision = 0
-        self._hash = b""
-        self._time = -1
-        self._last = ("", 0)
+        self._revision: Any = 0
+        self._hash: Any = b""
+        self._time: Any = -1
+        self._last: tuple[Any, Any] = ("", 0)
         self._digest_at = digest_at
         self._digest: Digest | None = None
+        # A good row left a value in the state that is not an integer revision or version or
+        # a byte-string hash: from then on, slices cannot be stitched (see the module docstring).
+        self._tainted = False
+        # Slice mode (for_slice).
+        self._in_slice = False
+        self._ledger_known = True
+        self._pending: list[Pending] = []
+        self._gave_up = ""
+        self._slice_snapshot: tuple[int, bytes, dict[str, tuple[int, bytes]]] | None = None
+
+    @classmethod
+    def for_slice(cls, *, digest_at: int | None = None, max_problems: int = 1000) -> Verifier:
+        """A verifier of one slice of the revisions, for a worker: fed the slice's rows, its
+        :meth:`summary` is for the parent's :meth:`absorb`."""
+        verifier = cls(digest_at=digest_at, max_problems=max_problems)
+        verifier._in_slice = True
+        verifier._ledger_known = False
+        verifier._hash = _UNKNOWN
+        return verifier
 
     @property
     def revision(self) -> int:
         """The last revision fed (0 before any)."""
-        return self._revision
+        return self._revision  # type: ignore[no-any-return]
 
     @property
     def resources(self) -> int:
@@ -142,6 +263,15 @@ class Verifier:
     def ok(self) -> bool:
         return self.problem_count == 0
 
+    @property
+    def digest_at(self) -> int | None:
+        return self._digest_at
+
+    @property
+    def gave_up(self) -> str:
+        """Slice mode: why this slice must be checked in one pass ("" if it need not)."""
+        return self._gave_up
+
     def _report(self, kind: ProblemKind, v: Version, detail: str) -> None:
         self.problem_count += 1
         if len(self.problems) < self.max_problems:
@@ -149,62 +279,155 @@ class Verifier:
 
     def feed(self, batch: Iterable[Version]) -> None:
         """Check the next versions (revision order); their problems are recorded."""
+        self.feed_rows([row_of(v) for v in batch])
+
+    def feed_rows(self, rows: Sequence[Row]) -> None:
+        """Check the next versions, as rows (revision order); their problems are recorded."""
         # The hot loop of `casledger verify`: state lives in locals while a batch runs, and the
-        # only call per version is compute_hash (problems are rare and may be slow).
+        # only call per row is compute_hash_row. A row that is not plainly fine goes to _slow
+        # (problems are rare and may be slow): the condition below is _judge's, with the
+        # content's hash and length at hand.
+        if self._gave_up:
+            return
         heads = self._heads
         revision, last_hash, last_time = self._revision, self._hash, self._time
-        last_name, last_number = self._last
-        snapshot_at = _NEVER if self._digest_at is None or self._digest is not None \
-            else self._digest_at
-        count = 0
-        for v in batch:
+        last_row: Row | None = None
+        # In a slice, a resource not seen yet in it links to a version before it: pending.
+        in_slice = self._in_slice
+        snapshot_at = self._snapshot_at()
+        hash_row = compute_hash_row
+        self.versions += len(rows)
+        for row in rows:
             try:
-                stored = v.hash
-                name = v.name
-                number = v.version
-                # Rows read from SQLite carry the stored integer, which a hand edit can make 2.
-                deleted: object = v.deleted
+                (name, number, rev, content, content_type, _, update_time, _, _, deleted,
+                 previous, ledger_previous, stored, size) = row
                 head = heads.get(name)
-                if (compute_hash(v) != stored or v.revision != revision + 1
-                        or v.ledger_previous_hash != last_hash or v.size != len(v.content)
-                        or v.update_time_us <= last_time
-                        or (number != 1 or v.previous_hash if head is None
-                            else number != head[0] + 1 or v.previous_hash != head[1]
-                            or (deleted and head[2]))
-                        or (deleted and ((deleted is not True and deleted != 1) or v.content
-                                         or v.content_type))):
-                    self._diagnose(v, head, revision, last_hash, last_time,
-                                   f"{last_name} version {last_number}" if last_name
-                                   else "the start of the ledger")
-                heads[name] = (number, stored, bool(deleted))
-            except (TypeError, ValueError, AttributeError, OverflowError) as exc:
-                # A row whose columns hold values of the wrong type: only a hand edit does that.
-                self._report(ProblemKind.MALFORMED, v, f"unreadable column value: {exc}")
-                if isinstance(v.revision, int):
-                    revision = v.revision
+                fine = not (
+                    hash_row(row) != stored or rev != revision + 1
+                    or ledger_previous != last_hash or size != len(content)
+                    or update_time <= last_time
+                    or ((in_slice or number != 1 or previous) if head is None
+                        else number != head[0] + 1 or previous != head[1]
+                        or (deleted and head[2]))
+                    or (deleted and (deleted != 1 or content or content_type)))
+            except Exception:  # a value of the wrong type: _slow says which
+                fine = False
+            if fine:
+                # deleted is 0, 1 (or False, True) here: `== 1` is bool(deleted).
+                heads[name] = (number, stored, deleted == 1)
+                revision, last_hash, last_time, last_row = rev, stored, update_time, row
+                if rev >= snapshot_at:
+                    self._revision, self._hash = revision, last_hash
+                    self._take_snapshot()
+                    snapshot_at = _NEVER
                 continue
-            revision, last_hash, last_time = v.revision, stored, v.update_time_us
-            last_name, last_number = name, number
-            count += 1
-            if revision >= snapshot_at:
-                self._revision, self._hash = revision, last_hash
-                self._digest = self._snapshot()
-                snapshot_at = _NEVER
-        self.versions += count
+            self._revision, self._hash, self._time = revision, last_hash, last_time
+            if last_row is not None:
+                self._last = (last_row[0], last_row[1])
+                last_row = None
+            self._slow(row)
+            if self.gave_up:
+                return
+            revision, last_hash, last_time = self._revision, self._hash, self._time
+            snapshot_at = self._snapshot_at()
         self._revision, self._hash, self._time = revision, last_hash, last_time
-        self._last = (last_name, last_number)
+        if last_row is not None:
+            self._last = (last_row[0], last_row[1])
 
-    def _diagnose(self, v: Version, head: tuple[int, bytes, bool] | None, revision: int,
-                  last_hash: bytes, last_time: int, before: str) -> None:
+    def _snapshot_at(self) -> int:
+        taken = self._slice_snapshot is not None if self._in_slice else self._digest is not None
+        return _NEVER if self._digest_at is None or taken else self._digest_at
+
+    def _take_snapshot(self) -> None:
+        if self._in_slice:
+            self._slice_snapshot = (self._revision, self._hash, {
+                name: (head[0], head[1]) for name, head in self._heads.items()})
+        else:
+            self._digest = self._snapshot()
+
+    # --- the slow path ---------------------------------------------------------------------
+
+    def _slow(self, row: Row) -> None:
+        v = Version(*row)
+        if self._in_slice:
+            self._slow_in_slice(v)
+        else:
+            self._check(v)
+
+    def _check(self, v: Version) -> bool:
+        """Check `v` against the state, report what is wrong and, unless it is malformed, make
+        it the state. False if it is malformed (a column value of the wrong type)."""
+        try:
+            self._heads.get(v.name)  # an unhashable name is malformed, and is so first
+            hash_differs = compute_hash(v) != v.hash
+            length = len(v.content)
+        except _UNREADABLE as exc:
+            self._report(ProblemKind.MALFORMED, v, f"unreadable column value: {exc}")
+            good = False
+        else:
+            good = self._judge(v, hash_differs, length)
+        if not good:
+            self.versions -= 1
+            if isinstance(v.revision, int):
+                self._revision = v.revision
+            return False
+        self._advance(v)
+        return True
+
+    def _advance(self, v: Version) -> None:
+        """Make the good version `v` the state."""
+        self._heads[v.name] = (v.version, v.hash, bool(v.deleted))
+        self._revision, self._hash, self._time = v.revision, v.hash, v.update_time_us
+        self._last = (v.name, v.version)
+        if not (type(v.revision) is int and type(v.version) is int and type(v.hash) is bytes):
+            self._tainted = True
+        try:
+            due = v.revision >= self._snapshot_at()
+        except TypeError:  # a revision that is not a number reaches no digest's revision
+            due = False
+        if due:
+            self._take_snapshot()
+
+    def _judge(self, v: Version, hash_differs: bool, length: int) -> bool:
+        """Check `v` against the state before it, given what its content decides (whether
+        compute_hash differs from its stored hash; its content's length), and report what is
+        wrong. False if a value of the wrong type stopped the checks: then `v` is malformed
+        (reported), and what was found before stays reported. Changes no state."""
+        revision, last_hash, last_time = self._revision, self._hash, self._time
+        try:
+            number = v.version
+            # Rows read from SQLite carry the stored integer, which a hand edit can make 2.
+            deleted: object = v.deleted
+            head = self._heads.get(v.name)
+            if (hash_differs or v.revision != revision + 1
+                    or v.ledger_previous_hash != last_hash or v.size != length
+                    or v.update_time_us <= last_time
+                    or (number != 1 or v.previous_hash if head is None
+                        else number != head[0] + 1 or v.previous_hash != head[1]
+                        or (deleted and head[2]))
+                    or (deleted and ((deleted is not True and deleted != 1) or length
+                                     or v.content_type))):
+                self._diagnose(v, head, hash_differs, length)
+        except _UNREADABLE as exc:
+            self._report(ProblemKind.MALFORMED, v, f"unreadable column value: {exc}")
+            return False
+        return True
+
+    def _diagnose(self, v: Version, head: tuple[int, bytes, bool] | None, hash_differs: bool,
+                  length: int) -> None:
         """Say what is wrong with `v`, given the state before it (something is)."""
+        revision, last_hash, last_time = self._revision, self._hash, self._time
+        last_name, last_number = self._last
         report = self._report
-        if compute_hash(v) != v.hash:
+        if hash_differs:
             report(ProblemKind.HASH_MISMATCH, v, "the stored hash is not the hash of the stored "
                    "fields: its content or metadata was edited")
         if v.revision != revision + 1:
             report(ProblemKind.REVISION_GAP, v, f"revision {v.revision} follows revision "
                    f"{revision}: a version was dropped, inserted or moved")
         if v.ledger_previous_hash != last_hash:
+            before = (f"{last_name} version {last_number}" if last_name
+                      else "the start of the ledger")
             report(ProblemKind.LEDGER_CHAIN_BROKEN, v, f"ledger_previous_hash "
                    f"{_hex8(v.ledger_previous_hash)} is not the hash {_hex8(last_hash)} of "
                    f"revision {revision} ({before})")
@@ -232,15 +455,108 @@ class Verifier:
             flag: object = v.deleted
             if flag is not True and flag != 1:
                 report(ProblemKind.BAD_TOMBSTONE, v, f"deleted is {flag!r}, not 0 or 1")
-            if v.content or v.content_type:
+            if length or v.content_type:
                 report(ProblemKind.BAD_TOMBSTONE, v, f"a tombstone holds content "
-                       f"({len(v.content)} bytes, media type {v.content_type!r})")
-        if v.size != len(v.content):
+                       f"({length} bytes, media type {v.content_type!r})")
+        if v.size != length:
             report(ProblemKind.SIZE_MISMATCH, v, f"size is {v.size}, the content holds "
-                   f"{len(v.content)} bytes")
+                   f"{length} bytes")
         if v.update_time_us <= last_time:
             report(ProblemKind.TIME_ORDER, v, "update_time does not follow the previous "
                    "revision's")
+
+    # --- slices ----------------------------------------------------------------------------
+
+    def _slow_in_slice(self, v: Version) -> None:
+        if self._ledger_known and not (type(v.revision) is int and v.revision > self._revision):
+            # The summary's problems are merged with the parent's by revision. (A reader of a
+            # file gives strictly increasing revisions: it orders them by the primary key.)
+            self._gave_up = f"revision {v.revision} is out of order"
+            return
+        if self._ledger_known and isinstance(v.name, str) and v.name in self._heads:
+            # Everything it links to lies in the slice: the single pass's checks.
+            if not self._check(v):
+                self._gave_up = f"revision {v.revision} is malformed"
+            elif self._tainted:
+                self._gave_up = f"revision {v.revision} holds a value of an unusual type"
+            return
+        # It links to rows before the slice: settle what its content decides here and leave the
+        # links to the parent. It is good (not malformed) whatever came before, as long as the
+        # state before it holds ordinary values (which absorb makes sure of) and it does too.
+        if not (type(v.name) is str and type(v.version) is int and type(v.revision) is int
+                and type(v.update_time_us) is int and type(v.hash) is bytes):
+            self._gave_up = f"revision {v.revision} holds a value of an unusual type"
+            return
+        try:
+            hash_differs = compute_hash(v) != v.hash
+            length = len(v.content)
+        except _UNREADABLE:
+            self._gave_up = f"revision {v.revision} is malformed"
+            return
+        before = ((self._revision, self._hash, self._time, *self._last) if self._ledger_known
+                  else None)
+        self._pending.append(Pending(
+            v.name, v.version, v.revision, v.content_type, v.update_time_us, v.deleted,
+            v.previous_hash, v.ledger_previous_hash, v.size, hash_differs, length, before))
+        self._ledger_known = True
+        self._advance(v)
+
+    def summary(self) -> SliceSummary:
+        """Slice mode: what the parent's :meth:`absorb` needs of the slice fed."""
+        last = ((self._revision, self._hash, self._time, *self._last) if self._ledger_known
+                else None)
+        return SliceSummary(self._gave_up, self.versions, self.problem_count,
+                            tuple(self.problems), tuple(self._pending), last, self._heads,
+                            self._slice_snapshot)
+
+    def absorb(self, summary: SliceSummary) -> bool:
+        """Take in the summary of the slice that follows what was fed, as if its rows had been
+        fed: the same problems, in the same order, and the same state. False, changing nothing,
+        when it cannot — the worker gave up on the slice, or the rows fed so far left a value
+        of an unusual type in the state: then feed the slice's rows instead."""
+        if summary.gave_up or self._tainted or self._in_slice:
+            return False
+        digest = None
+        if (summary.snapshot is not None and self._digest_at is not None
+                and self._digest is None):
+            revision, revision_hash, local = summary.snapshot
+            heads = {name: (head[0], head[1]) for name, head in self._heads.items()}
+            heads.update(local)
+            digest = ledger_digest(revision, revision_hash,
+                                   ((name, *heads[name]) for name in sorted(heads)))
+        saved = (self._revision, self._hash, self._time, self._last)
+        kept, count = self.problems, self.problem_count
+        self.problems, self.problem_count = [], 0
+        try:
+            for pending in summary.pending:
+                if pending.before is not None:
+                    self._revision, self._hash, self._time, *last = pending.before
+                    self._last = (last[0], last[1])
+                if not self._judge(pending.stand_in(), pending.hash_differs,
+                                   pending.content_length):
+                    # Cannot happen after the checks above; if it did, one pass decides.
+                    self._revision, self._hash, self._time, self._last = saved
+                    return False
+            found, found_count = self.problems, self.problem_count
+        finally:
+            self.problems, self.problem_count = kept, count
+        # Rows are in revision order, and each row's problems all come from one side.
+        merged = heapq.merge(summary.problems, found, key=lambda problem: problem.revision)
+        self.problems.extend(itertools.islice(merged, max(0, self.max_problems
+                                                          - len(self.problems))))
+        self.problem_count += summary.problem_count + found_count
+        if summary.last is not None:
+            self._revision, self._hash, self._time, *last = summary.last
+            self._last = (last[0], last[1])
+        else:
+            self._revision, self._hash, self._time, self._last = saved
+        self._heads.update(summary.heads)
+        self.versions += summary.versions
+        if digest is not None:
+            self._digest = digest
+        return True
+
+    # --- after the pass --------------------------------------------------------------------
 
     def _snapshot(self) -> Digest:
         heads = self._heads

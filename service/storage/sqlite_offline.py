@@ -13,8 +13,10 @@ goes wrong (a broken link found by the caller's verifier, a disk error), nothing
 the transaction is rolled back and a file the import created is deleted.
 
 Rows come out as :class:`~casledger.service.model.Version` built positionally from a SELECT whose
-columns are the dataclass's own fields, in order (cheap enough for a million rows a second); the
-``deleted`` flag is therefore the stored integer, which the verifier checks is 0 or 1.
+columns are the dataclass's own fields, in order; the ``deleted`` flag is therefore the stored
+integer, which the verifier checks is 0 or 1. ``verify`` takes the rows as they are
+(:meth:`SQLiteReader.rows`: building a Version costs about as much as the verifier's own work on
+a row), and :func:`verify_slice` is what each worker process of ``verify --jobs N`` runs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from .. import errors
 from ..model import Version, parent_of
+from ..verify import Row, SliceSummary, Verifier
 from .sqlite import _SCHEMA_V1, SCHEMA_VERSION, _split_script
 
 # The Version dataclass's fields, in order: every one is a column of `versions`.
@@ -105,6 +108,13 @@ class SQLiteReader:
                  batch: int = DEFAULT_BATCH) -> Iterator[list[Version]]:
         """Every version with `after` < revision <= `upto` under `prefix`, in revision order,
         content included, in lists of up to `batch`: memory stays flat however long the ledger."""
+        for rows in self.rows(after=after, upto=upto, prefix=prefix, batch=batch):
+            yield [Version(*row) for row in rows]
+
+    def rows(self, *, after: int = 0, upto: int | None = None, prefix: str = "",
+             batch: int = DEFAULT_BATCH) -> Iterator[list[Row]]:
+        """:meth:`versions` as rows, the Version fields in order, as stored (for the
+        verifier's hot loop, which reads them without building a Version each)."""
         sql = f"SELECT {_FIELDS} FROM versions WHERE revision > ?"
         params: list[object] = [after]
         if upto is not None:
@@ -118,7 +128,7 @@ class SQLiteReader:
         cursor.arraysize = min(batch, 64)
         with closing(cursor):
             while rows := cursor.fetchmany():
-                yield [Version(*row) for row in rows]
+                yield rows
                 # Batches of about BATCH_BYTES, whatever the content sizes: memory stays flat,
                 # and a batch stays in the CPU caches between reading and hashing.
                 size = sum(len(c) if isinstance(c := row[_CONTENT], bytes) else 0 for row in rows)
@@ -227,6 +237,22 @@ def open_sqlite_reader(path: str) -> Iterator[SQLiteReader]:
         with suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         db.close()
+
+
+def verify_slice(path: str, after: int, upto: int, digest_at: int | None = None,
+                 max_problems: int = 1000) -> SliceSummary:
+    """Check revisions `after` + 1 .. `upto` of the ledger file at `path` on their own, for
+    ``casledger verify --jobs``: run in a worker process, which opens the file read-only itself.
+    What needs the revisions before is left to the parent (see :mod:`casledger.service.verify`).
+    The rows up to `upto` are the same in every snapshot taken after the parent's: the versions
+    table only grows."""
+    verifier = Verifier.for_slice(digest_at=digest_at, max_problems=max_problems)
+    with open_sqlite_reader(path) as reader:
+        for rows in reader.rows(after=after, upto=upto):
+            verifier.feed_rows(rows)
+            if verifier.gave_up:
+                break
+    return verifier.summary()
 
 
 @contextmanager

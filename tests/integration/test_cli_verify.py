@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import shutil
 import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +19,17 @@ from typing import Any
 
 import pytest
 
+from casledger.service.audit import MIN_SLICE_BYTES, MIN_SLICE_VERSIONS, check_file, jobs_for
 from casledger.service.cli import main
 from casledger.service.client import connect, precondition
 from casledger.service.config import Settings
 from casledger.service.model import Version, compute_hash
 from casledger.service.server import RunningServer, serve
+from casledger.service.storage.sqlite_offline import open_sqlite_reader
+from casledger.service.verify import Digest, SliceSummary, Verifier
+
+# These tamper with the SQLite file itself (the PostgreSQL ledger: test_postgres_offline.py).
+pytestmark = pytest.mark.sqlite_only
 
 # What the pristine ledger holds, revision by revision.
 LEDGER = [
@@ -458,7 +468,7 @@ def test_get_history_and_diff_read_the_file(cli: Any, ledger: Path) -> None:
 
 @pytest.mark.parametrize(("args", "code", "message"), [
     (("verify", "--db", "missing.db"), 3, "no such ledger file"),
-    (("verify", "--db", "postgresql://x/y"), 2, "read SQLite ledger files"),
+    (("verify", "--db", "mysql://x/y"), 2, "read SQLite ledger files"),
     (("verify", "--db", "sqlite://relative"), 2, "sqlite:///path"),
     (("stats",), 2, "give --db"),
     (("get", "documents/zz", "--db", "LEDGER"), 3, "does not exist"),
@@ -517,3 +527,163 @@ def _copy_with_wal(url: str, copy: Path) -> tuple[bytes, bytes]:
 
 def _contents(db: Path) -> tuple[bytes, bytes]:
     return db.read_bytes(), Path(f"{db}-wal").read_bytes()
+
+
+# --- verify --jobs: slices checked at once give the answer of one pass ---------------------
+
+
+def _swap(column: str, first: int, second: int) -> Callable[[Path], None]:
+    def swap(db: Path) -> None:
+        with closing(sqlite3.connect(db)) as connection:
+            a, b = (connection.execute(f"SELECT {column} FROM versions WHERE revision = ?",
+                                       (revision,)).fetchone()[0] for revision in (first, second))
+        tamper(db, *((f"UPDATE versions SET {column} = ? WHERE revision = ?", params)
+                     for params in (("x/placeholder", first), (a, second), (b, first))))
+    return swap
+
+
+def _forge_tombstone(db: Path) -> None:
+    v = rows(db)[4]
+    forged = Version(v.name, v.version, v.revision, b"", "", v.create_time_us, v.update_time_us,
+                     v.actor, "deleted", True, v.previous_hash, v.ledger_previous_hash, b"", 0)
+    tamper(db, ("UPDATE versions SET content = x'', content_type = '', deleted = 1, "
+                "reason = 'deleted', size = 0, hash = ? WHERE revision = 5",
+                (compute_hash(forged),)))
+
+
+def _rewrite_history(db: Path) -> None:
+    forged = b'{"title":"forged","n":2}'
+    tamper(db, ("UPDATE versions SET content = ?, size = ? WHERE revision = 3",
+                (forged, len(forged))))
+    rechain_from(db, 3)
+
+
+def _sql(*statements: str) -> Callable[[Path], None]:
+    return lambda db: tamper(db, *((statement, ()) for statement in statements))
+
+
+# Every tampering of the tests above, and values of the wrong type the slices must step aside for.
+TAMPERINGS: dict[str, Callable[[Path], None]] = {
+    "intact": lambda db: None,
+    "edited content": lambda db: tamper(db, (
+        "UPDATE versions SET content = ? WHERE name = ? AND version = ?",
+        (b'{"title":"forged","n":2}', "documents/a", 2))),
+    "edited metadata": _sql("UPDATE versions SET reason = 'nothing to see' WHERE revision = 6"),
+    "deleted middle version": _sql(
+        "DELETE FROM versions WHERE name = 'documents/a' AND version = 2"),
+    "swapped contents": _swap("content", 3, 5),
+    "swapped names": _swap("name", 2, 4),
+    "tombstone undone": _sql("UPDATE versions SET deleted = 0 WHERE revision = 6"),
+    "tombstone with content": _sql("UPDATE versions SET content = x'7b7d' WHERE revision = 6"),
+    "deleted flag 2": _sql("UPDATE versions SET deleted = 2 WHERE revision = 6"),
+    "forged tombstone": _forge_tombstone,
+    "content of the wrong type": _sql(
+        "UPDATE versions SET content = 'text, not a blob' WHERE revision = 4"),
+    "tampered heads": _sql("UPDATE heads SET version = 2 WHERE name = 'documents/a'"),
+    "rewritten history": _rewrite_history,
+    "truncated tail": _sql(
+        "DELETE FROM versions WHERE revision = 8",
+        "UPDATE heads SET version = 2, deleted = 1 WHERE name = 'documents/b'"),
+    "version as text": _sql("UPDATE versions SET version = 'two' WHERE revision = 3"),
+    "time as text": _sql("UPDATE versions SET update_time_us = 'later' WHERE revision = 4"),
+    "hash as text": _sql("UPDATE versions SET hash = 'forged' WHERE revision = 5"),
+}
+
+
+class Counting(Verifier):
+    """Counts the slices absorbed and those it had to be fed instead."""
+
+    absorbed = fed = 0
+
+    def absorb(self, summary: SliceSummary) -> bool:
+        done = super().absorb(summary)
+        if done:
+            self.absorbed += 1
+        else:
+            self.fed += 1
+        return done
+
+
+@pytest.fixture(scope="module")
+def workers() -> Iterator[ProcessPoolExecutor]:
+    """Two worker processes for the whole module: started once, not once per test."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def digest_at_5(pristine: Path) -> Digest:
+    verifier = Verifier(digest_at=5)
+    with open_sqlite_reader(str(pristine)) as reader:
+        check_file(reader, str(pristine), verifier, reader.revision(), 1)
+    assert verifier.target_digest is not None
+    return verifier.target_digest
+
+
+def check(db: Path, jobs: int, workers: ProcessPoolExecutor | None,
+          expected: Digest) -> tuple[dict[str, Any], Counting]:
+    """What `verify --digest expected` finds, with `jobs` slices."""
+    verifier = Counting(digest_at=expected.revision)
+    with open_sqlite_reader(str(db)) as reader:
+        check_file(reader, str(db), verifier, reader.revision(), jobs, workers=workers)
+        verifier.check_heads(reader.heads())
+    verifier.check_digest(expected)
+    return {"problems": verifier.problems, "problem_count": verifier.problem_count,
+            "versions": verifier.versions, "revision": verifier.revision,
+            "resources": verifier.resources, "heads": list(verifier.heads()),
+            "digest": verifier.digest(), "target": verifier.target_digest}, verifier
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+@pytest.mark.parametrize("tampering", list(TAMPERINGS))
+def test_jobs_report_what_one_pass_reports(ledger: Path, tampering: str, jobs: int,
+                                           workers: ProcessPoolExecutor,
+                                           digest_at_5: Digest) -> None:
+    TAMPERINGS[tampering](ledger)
+    single, _ = check(ledger, 1, None, digest_at_5)
+    sliced, verifier = check(ledger, jobs, workers, digest_at_5)
+    assert sliced == single
+    assert verifier.absorbed + verifier.fed == jobs - 1
+    if tampering in ("intact", "edited content", "deleted middle version", "rewritten history"):
+        assert verifier.fed == 0  # the slices were stitched, not read again
+
+
+def test_verify_jobs_prints_what_one_pass_prints(cli: Any, ledger: Path) -> None:
+    TAMPERINGS["swapped names"](ledger)
+    one = cli("verify", "--db", ledger, "--json", "--jobs", "1").json()
+    three = cli("verify", "--db", ledger, "--json", "-j", "3").json()
+    assert one.pop("seconds") >= 0
+    assert three.pop("seconds") >= 0
+    assert three == one
+    assert {("hash_mismatch", "notes/n", 1), ("resource_chain_broken", "documents/b", 2)} <= {
+        (p["kind"], p["name"], p["version"]) for p in three["problems"]}
+
+
+def test_digest_and_verify_digest_with_jobs(cli: Any, ledger: Path) -> None:
+    earlier = cli("digest", "--db", ledger, "--revision", "5", "--jobs", "2").out.strip()
+    assert earlier == cli("digest", "--db", ledger, "--revision", "5", "--jobs", "1").out.strip()
+    assert earlier.startswith("5:")
+    run = cli("verify", "--db", ledger, "--digest", earlier, "--jobs", "2")
+    assert run.code == 0, run.out
+    assert f"the ledger extends digest {earlier}" in run.out
+    _rewrite_history(ledger)
+    assert problems(cli("verify", "--db", ledger, "--digest", earlier, "--jobs", "3",
+                        "--json")) == {("digest_mismatch", "", 0)}
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_must_be_a_positive_number(cli: Any, ledger: Path, jobs: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli("verify", "--db", ledger, "--jobs", jobs)
+    assert exited.value.code == 2
+
+
+def test_the_default_jobs_split_only_ledgers_worth_it() -> None:
+    cpus = os.cpu_count() or 1
+    assert jobs_for(None, 8, 1 << 20) == 1
+    assert jobs_for(None, 10 * MIN_SLICE_VERSIONS * cpus) == cpus
+    assert jobs_for(None, 2 * cpus, 10 * MIN_SLICE_BYTES * cpus) == cpus  # big versions
+    assert jobs_for(None, 1, 10 * MIN_SLICE_BYTES * cpus) == 1
+    assert jobs_for(4, 8) == 4
+    assert jobs_for(4, 2) == 2
