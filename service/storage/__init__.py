@@ -13,12 +13,13 @@ one with :func:`import_ledger`; both take a SQLite path or a PostgreSQL URL.
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..model import Version, Write
 from ..watch import WatchHub
@@ -89,6 +90,25 @@ class LedgerReader(Protocol):
         ...
 
     def sizes(self, now_us: int | None = None) -> LedgerSizes: ...
+
+
+class ShieldedWrites:
+    """Runs each write in a task of its own, shielded from its caller: cancelling the caller
+    cannot interrupt a transaction half done, and :meth:`drain` waits for every write already
+    started (those whose callers went away included) before a store closes."""
+
+    def __init__(self) -> None:
+        self._in_flight: set[asyncio.Task[Version]] = set()
+
+    async def run(self, write: Coroutine[Any, Any, Version]) -> Version:
+        task = asyncio.ensure_future(write)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
 
 
 class UnsupportedStore(ValueError):

@@ -66,7 +66,7 @@ import asyncpg
 from .. import errors
 from ..model import Head, Tail, Version, Write, parent_of, plan_write
 from ..watch import WatchHub
-from . import Durability, StoreOptions, redact
+from . import Durability, ShieldedWrites, StoreOptions, redact
 
 log = logging.getLogger("casledger.storage.postgres")
 
@@ -283,7 +283,7 @@ class PostgresStore:
         self._url = url
         self._writers = asyncio.Semaphore(WRITERS)
         self._writes = 0
-        self._in_flight: set[asyncio.Task[Version]] = set()
+        self._shielded = ShieldedWrites()
         self._follow_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._notified = 0
@@ -295,17 +295,11 @@ class PostgresStore:
     # --- writes --------------------------------------------------------------------------------
 
     async def write(self, write: Write) -> Version:
-        # The task, not the caller, owns the transaction: cancelling the caller cannot leave it
-        # half done, and the outcome of a commit is always learnt.
-        task = asyncio.ensure_future(self._write(write))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-        return await asyncio.shield(task)
+        return await self._shielded.run(self._write(write))
 
     async def drain(self) -> None:
         """Wait for every write already started, those whose callers went away included."""
-        while self._in_flight:
-            await asyncio.wait(set(self._in_flight))
+        await self._shielded.drain()
 
     async def _write(self, write: Write) -> Version:
         async with self._writers:

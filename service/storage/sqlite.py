@@ -29,7 +29,7 @@ import aiosqlite
 from .. import errors
 from ..model import EMPTY_TAIL, Head, Tail, Version, Write, parent_of, plan_write
 from ..watch import WatchHub
-from . import Durability, StoreOptions
+from . import Durability, ShieldedWrites, StoreOptions
 
 SCHEMA_VERSION = 1
 PURGE_EVERY = 1000
@@ -122,22 +122,16 @@ class SQLiteStore:
         self._options = options
         self._lock = asyncio.Lock()
         self._writes = 0
-        self._in_flight: set[asyncio.Task[Version]] = set()
+        self._shielded = ShieldedWrites()
 
     # --- writes --------------------------------------------------------------------------------
 
     async def write(self, write: Write) -> Version:
-        # The task, not the caller, owns the transaction: cancelling the caller cannot
-        # interrupt it between BEGIN and COMMIT/ROLLBACK.
-        task = asyncio.ensure_future(self._locked_write(write))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-        return await asyncio.shield(task)
+        return await self._shielded.run(self._locked_write(write))
 
     async def drain(self) -> None:
         """Wait for every write already started, those whose callers went away included."""
-        while self._in_flight:
-            await asyncio.wait(set(self._in_flight))
+        await self._shielded.drain()
 
     async def _locked_write(self, write: Write) -> Version:
         async with self._lock:
