@@ -527,6 +527,12 @@ class PostgresStore:
         rows = await self._retrying(lambda: self._pool.fetch(sql, *params))
         return [Version(*row) for row in rows]
 
+    async def current_revision(self) -> int:
+        # From the database, not this replica's hub: other replicas commit too.
+        revision = await self._retrying(
+            lambda: self._pool.fetchval("SELECT revision FROM ledger_tail WHERE id = 1"))
+        return int(revision)
+
     async def get(self, name: str, version: int = 0) -> Version:
         if version:
             found = await self._fetch(
@@ -598,6 +604,27 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
         pool.terminate()
 
 
+async def _shielded_connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect`` that a cancelled caller cannot interrupt half-way.
+
+    The pool opens connections inside ``acquire()``, so a read whose client went away (a deadline,
+    a closed stream) cancels a handshake in flight; asyncpg then leaves a future it never reads
+    (its TLS negotiation's: "Future exception was never retrieved: unexpected connection_lost()").
+    Here the handshake finishes on its own and the connection, if any, is closed."""
+    task = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_close_orphan)
+        raise
+
+
+def _close_orphan(task: asyncio.Task[asyncpg.Connection]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    task.result().terminate()
+
+
 @asynccontextmanager
 async def connect_pool(url: str, durability: Durability, *, min_size: int = POOL_MIN,
                        max_size: int = POOL_MAX) -> AsyncIterator[asyncpg.Pool]:
@@ -605,6 +632,7 @@ async def connect_pool(url: str, durability: Durability, *, min_size: int = POOL
     names the server (without its password)."""
     try:
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
+                                         connect=_shielded_connect,
                                          server_settings=server_settings(durability, url))
     except FAILURES as exc:
         raise RuntimeError(f"cannot open the PostgreSQL ledger at {redact(url)}: {exc}") from None

@@ -363,6 +363,29 @@ async def test_a_write_outlives_its_cancelled_caller(url: str) -> None:
     assert model.verify_chain_link(await _get(url, "documents/1"))
 
 
+async def test_a_cancelled_connect_finishes_and_closes_quietly(url: str) -> None:
+    """A pooled connection opened under a cancelled read completes its handshake on its own
+    and is closed: no asyncio error about a future nobody read, no session left behind."""
+    loop = asyncio.get_running_loop()
+    failures: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    try:
+        # Cancelled at different points of the handshake (plain asyncpg.connect fails this).
+        for delay in (0.0005, 0.001, 0.002, 0.003) * 3:
+            task = asyncio.create_task(pg_backend._shielded_connect(url))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.sleep(0.5)
+    finally:
+        loop.set_exception_handler(None)
+    assert failures == []
+    left = postgres.fetchval(url, "SELECT count(*) FROM pg_stat_activity "
+                                  "WHERE application_name = $1", postgres.schema_of(url))
+    assert left == 0
+
+
 async def _get(url: str, name: str) -> Version:
     async with open_store(url) as store:
         return await store.get(name)
