@@ -1,14 +1,19 @@
-"""The embedded backend: one SQLite file in WAL mode, over aiosqlite.
+"""The embedded backend: one SQLite file in WAL mode.
 
-Two connections: a writer that runs each write as ``BEGIN IMMEDIATE`` -> read head and tail ->
-plan -> append -> ``COMMIT`` under an asyncio lock, so no other writer can get in between the check
-and the append; and a reader for everything else (WAL lets it read while the writer writes).
-A write runs in its own task, shielded from the caller's cancellation, so a client that goes away
-never leaves a transaction half done. With ``Durability.FULL`` (the default) ``synchronous=FULL``
-makes every commit fsync the WAL before the reply.
+Writes are group-committed by one writer task that owns the writer connection, a plain
+``sqlite3`` connection used only on its own thread: it takes every write queued while the last
+transaction committed and runs them as one ``BEGIN IMMEDIATE`` -> for each write, read its head,
+plan it against the heads and tail the writes before it made, append -> ``COMMIT`` (one fsync for
+the batch with ``Durability.FULL``, the default: ``synchronous=FULL``), then publishes the batch
+to watchers and answers each write. A write that breaks a ledger rule fails alone; a storage error
+fails the whole batch and writes nothing. The whole batch is one call to the writer thread, where
+aiosqlite would cross threads at every statement. Writes are shielded from their callers'
+cancellation, so a client that goes away never leaves a transaction half done.
+
+Reads use a second connection over aiosqlite (WAL lets it read while the writer writes).
 
 Only one server process may own a file at a time (an advisory lock on ``<file>.lock``): the
-watch hub learns of commits in-process, so a second writer would leave watchers blind.
+watch hub learns of commits in-process, and the writer keeps the ledger's tail in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import fcntl
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,9 @@ from . import Durability, ShieldedWrites, StoreOptions
 
 SCHEMA_VERSION = 1
 PURGE_EVERY = 1000
+# One transaction takes at most this many queued writes, or about this much content.
+MAX_BATCH_WRITES = 256
+MAX_BATCH_BYTES = 8 << 20
 
 # Content is the last column: SQLite then never walks a big value's overflow pages to reach
 # another column, so metadata reads stay cheap however large the content.
@@ -109,135 +119,206 @@ def _storage_error(exc: sqlite3.Error) -> errors.StorageUnavailable:
     return errors.StorageUnavailable(f"the SQLite store failed: {exc}; nothing was written")
 
 
+class _Batch:
+    """What one batch has written so far: the next write of the batch plans against it."""
+
+    def __init__(self, tail: Tail) -> None:
+        self.tail = tail
+        self.heads: dict[str, Head] = {}
+        self.requests: dict[tuple[str, str], tuple[bytes, Version]] = {}
+        self.fresh: list[Version] = []
+
+    def record(self, write: Write, head: Head | None, version: Version) -> None:
+        self.heads[write.name] = Head(
+            latest=version, previous_update_time_us=head.latest.update_time_us if head else None)
+        self.tail = Tail(version.revision, version.hash, version.update_time_us)
+        if write.request_id:
+            self.requests[(write.request_scope, write.request_id)] = (write.fingerprint, version)
+        self.fresh.append(version)
+
+
 class SQLiteStore:
-    """A ledger in one SQLite file. Open it with :func:`open_sqlite`."""
+    """A ledger in one SQLite file. Open it with :func:`open_sqlite`.
+
+    Writes are group-committed: :meth:`run_writer`, the one task that writes, takes every write
+    queued while the previous transaction committed and commits them together on the writer
+    thread, which alone uses the writer connection. Each write is still planned on its own,
+    against the heads and tail the writes before it made; one that breaks a rule fails alone;
+    every success is on disk (one fsync per batch with ``Durability.FULL``) before any of the
+    batch is answered. Reads go to their own connection, off the writer's path.
+    """
 
     def __init__(
-        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, hub: WatchHub,
-        options: StoreOptions,
+        self, db: sqlite3.Connection, thread: ThreadPoolExecutor, reader: aiosqlite.Connection,
+        hub: WatchHub, options: StoreOptions, tail: Tail,
     ) -> None:
-        self._writer = writer
+        self._db = db
+        self._thread = thread
         self._reader = reader
         self.hub = hub
         self._options = options
-        self._lock = asyncio.Lock()
+        self._tail = tail
+        self._queue: deque[tuple[Write, asyncio.Future[Version]]] = deque()
+        self._wake = asyncio.Event()
         self._writes = 0
         self._shielded = ShieldedWrites()
 
     # --- writes --------------------------------------------------------------------------------
 
     async def write(self, write: Write) -> Version:
-        return await self._shielded.run(self._locked_write(write))
+        return await self._shielded.run(self._queued(write))
 
     async def drain(self) -> None:
         """Wait for every write already started, those whose callers went away included."""
         await self._shielded.drain()
 
-    async def _locked_write(self, write: Write) -> Version:
-        async with self._lock:
-            try:
-                version, fresh = await self._transaction(write)
-            except sqlite3.Error as exc:
-                raise _storage_error(exc) from exc
-            if fresh:
-                self.hub.publish([version])
-                self._writes += 1
-                if self._writes % PURGE_EVERY == 0:
-                    await self._purge_requests()
-            return version
+    async def _queued(self, write: Write) -> Version:
+        outcome: asyncio.Future[Version] = asyncio.get_running_loop().create_future()
+        self._queue.append((write, outcome))
+        self._wake.set()
+        return await outcome
 
-    async def _transaction(self, write: Write) -> tuple[Version, bool]:
-        db = self._writer
-        await db.execute("BEGIN IMMEDIATE")
+    async def run_writer(self) -> None:
+        """The one task that commits: it takes every write queued meanwhile (up to a batch) and
+        commits them in one transaction on the writer thread, then publishes and answers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = self._take_batch()
+                fresh: list[Version] = []
+                try:
+                    outcomes, fresh = await loop.run_in_executor(
+                        self._thread, self._commit_batch, [write for write, _ in batch])
+                except sqlite3.Error as exc:
+                    outcomes = [_storage_error(exc)] * len(batch)
+                except Exception as exc:  # a bug: every write of the batch fails with it
+                    outcomes = [exc] * len(batch)
+                # Published before anyone is answered: a reader told of an acknowledged write
+                # (the read index, a watcher) finds it.
+                self.hub.publish(fresh)
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, Version):
+                        future.set_result(outcome)
+                    else:
+                        future.set_exception(outcome)
+
+    def _take_batch(self) -> list[tuple[Write, asyncio.Future[Version]]]:
+        batch: list[tuple[Write, asyncio.Future[Version]]] = []
+        size = 0
+        while self._queue and len(batch) < MAX_BATCH_WRITES and size < MAX_BATCH_BYTES:
+            item = self._queue.popleft()
+            batch.append(item)
+            size += len(item[0].content) + (len(item[0].patch.document) if item[0].patch else 0)
+        return batch
+
+    # On the writer thread, one batch at a time: a version planned here is appended before the
+    # next write of the batch is planned, against the heads and tail the batch has made so far.
+
+    def _commit_batch(self, writes: list[Write]
+                      ) -> tuple[list[Version | BaseException], list[Version]]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            if write.request_id:
-                replayed = await self._replay(write)
-                if replayed is not None:
-                    await db.execute("ROLLBACK")
-                    return replayed, False
-            head = await self._head(write.name, with_content=write.needs_content)
-            tail = await self._tail()
-            version = plan_write(
-                write, head, tail, time.time_ns() // 1000, limit=self._options.max_content_bytes
-            )
-            await self._append(version, write)
-            await db.execute("COMMIT")
+            batch = _Batch(self._tail)
+            outcomes = [self._plan_and_append(write, batch) for write in writes]
+            db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
-        return version, True
+        self._tail = batch.tail
+        before, self._writes = self._writes, self._writes + len(batch.fresh)
+        if self._writes // PURGE_EVERY != before // PURGE_EVERY:
+            self._purge_requests()
+        return outcomes, batch.fresh
 
-    async def _replay(self, write: Write) -> Version | None:
-        async with self._writer.execute(
-            "SELECT fingerprint, name, version FROM requests WHERE scope = ? AND request_id = ?",
-            (write.request_scope, write.request_id),
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
-            return None
-        if row[0] != write.fingerprint:
+    def _plan_and_append(self, write: Write, batch: _Batch) -> Version | BaseException:
+        try:
+            if write.request_id:
+                replayed = self._replay(write, batch)
+                if replayed is not None:
+                    return replayed
+            head = batch.heads.get(write.name) or self._head(write.name,
+                                                             with_content=write.needs_content)
+            version = plan_write(write, head, batch.tail, time.time_ns() // 1000,
+                                 limit=self._options.max_content_bytes)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # the write's own outcome (a ledger rule); nothing appended
+            return exc
+        self._append(version, write)
+        batch.record(write, head, version)
+        return version
+
+    def _replay(self, write: Write, batch: _Batch) -> Version | None:
+        key = (write.request_scope, write.request_id)
+        if key in batch.requests:
+            fingerprint, version = batch.requests[key]
+        else:
+            row = self._db.execute(
+                "SELECT fingerprint, name, version FROM requests WHERE scope = ? AND "
+                "request_id = ?", key).fetchone()
+            if row is None:
+                return None
+            fingerprint = row[0]
+            found = self._db.execute(
+                f"SELECT {_ALL_COLUMNS} FROM versions WHERE name = ? AND version = ?",
+                (row[1], row[2])).fetchone()
+            assert found is not None, "a request record points at a version that must exist"
+            version = _version(found)
+        if fingerprint != write.fingerprint:
             raise errors.IdempotencyKeyReused(write.request_scope, write.request_id)
-        async with self._writer.execute(
-            f"SELECT {_ALL_COLUMNS} FROM versions WHERE name = ? AND version = ?", (row[1], row[2])
-        ) as cursor:
-            found = await cursor.fetchone()
-        assert found is not None, "a request record points at a version that must exist"
-        return _version(found)
+        return version
 
-    async def _head(self, name: str, *, with_content: bool) -> Head | None:
+    def _head(self, name: str, *, with_content: bool) -> Head | None:
         columns = _ALL_COLUMNS if with_content else _META_COLUMNS + ", x''"
-        async with self._writer.execute(
+        rows = self._db.execute(
             f"SELECT {columns} FROM versions WHERE name = ? ORDER BY version DESC LIMIT 2", (name,)
-        ) as cursor:
-            rows = list(await cursor.fetchall())
+        ).fetchall()
         if not rows:
             return None
         return Head(latest=_version(rows[0]), previous_update_time_us=rows[1][5] if len(rows) > 1
                     else None)
 
-    async def _tail(self) -> Tail:
-        async with self._writer.execute(
-            "SELECT revision, hash, update_time_us FROM versions ORDER BY revision DESC LIMIT 1"
-        ) as cursor:
-            row = await cursor.fetchone()
-        return EMPTY_TAIL if row is None else Tail(row[0], row[1], row[2])
-
-    async def _append(self, v: Version, write: Write) -> None:
-        db = self._writer
-        await db.execute(
+    def _append(self, v: Version, write: Write) -> None:
+        db = self._db
+        db.execute(
             f"INSERT INTO versions ({_ALL_COLUMNS}) VALUES "
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (v.name, v.version, v.revision, v.content_type, v.create_time_us, v.update_time_us,
              v.actor, v.reason, int(v.deleted), v.previous_hash, v.ledger_previous_hash, v.hash,
              v.size, v.content),
         )
-        await db.execute(
+        db.execute(
             "INSERT INTO heads (name, parent, version, deleted) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET version = excluded.version, "
             "deleted = excluded.deleted",
             (v.name, parent_of(v.name), v.version, int(v.deleted)),
         )
         if write.request_id:
-            await db.execute(
+            db.execute(
                 "INSERT INTO requests (scope, request_id, fingerprint, name, version, created_us) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (write.request_scope, write.request_id, write.fingerprint, v.name, v.version,
                  v.update_time_us),
             )
 
-    async def _purge_requests(self) -> None:
+    def _purge_requests(self) -> None:
         cutoff = time.time_ns() // 1000 - self._options.request_id_ttl_s * 1_000_000
         # A failure is retried after the next PURGE_EVERY writes; records only live longer.
         with contextlib.suppress(sqlite3.Error):
-            await self._writer.execute("DELETE FROM requests WHERE created_us < ?", (cutoff,))
+            self._db.execute("DELETE FROM requests WHERE created_us < ?", (cutoff,))
 
     # --- reads ---------------------------------------------------------------------------------
 
     async def _fetch(self, sql: str, params: Iterable[Any], content: bool = True) -> list[Version]:
         try:
-            async with self._reader.execute(sql, tuple(params)) as cursor:
-                rows = await cursor.fetchall()
+            # One hop to the reader's thread: statement, rows and cursor in one go.
+            rows = await self._reader.execute_fetchall(sql, tuple(params))
         except sqlite3.Error as exc:
             raise _storage_error(exc) from exc
         return [_version(row, content) for row in rows]
@@ -313,24 +394,39 @@ class SQLiteStore:
         return dict(zip(keys, row, strict=True))
 
 
-async def _configure(db: aiosqlite.Connection, durability: Durability) -> None:
-    await db.execute("PRAGMA busy_timeout = 5000")
-    await db.execute("PRAGMA journal_mode = WAL")
+_PRAGMAS = ("PRAGMA busy_timeout = 5000", "PRAGMA journal_mode = WAL")
+
+
+def _synchronous(durability: Durability) -> str:
     # In WAL mode only FULL syncs the WAL at every commit; NORMAL syncs at checkpoints.
-    await db.execute(f"PRAGMA synchronous = {durability.value.upper()}")
+    return f"PRAGMA synchronous = {durability.value.upper()}"
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    await db.execute("BEGIN IMMEDIATE")
+def _open_writer(path: str, durability: Durability) -> tuple[sqlite3.Connection, Tail]:
+    """On the writer thread: the writer connection, the schema migrated, and the ledger's tail."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        async with db.execute(
+        for pragma in (*_PRAGMAS, _synchronous(durability)):
+            db.execute(pragma)
+        _migrate(db)
+        row = db.execute(
+            "SELECT revision, hash, update_time_us FROM versions ORDER BY revision DESC LIMIT 1"
+        ).fetchone()
+    except BaseException:
+        db.close()
+        raise
+    return db, EMPTY_TAIL if row is None else Tail(row[0], row[1], row[2])
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        exists = db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ) as cursor:
-            exists = await cursor.fetchone() is not None
+        ).fetchone() is not None
         current = 0
         if exists:
-            async with db.execute("SELECT value FROM meta WHERE key = 'schema_version'") as cursor:
-                row = await cursor.fetchone()
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             current = int(row[0]) if row else 0
         if current > SCHEMA_VERSION:
             raise RuntimeError(
@@ -339,15 +435,15 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             )
         if current == 0:
             for statement in _split_script(_SCHEMA_V1):
-                await db.execute(statement)
-            await db.execute(
+                db.execute(statement)
+            db.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?), ('created_us', ?)",
                 (str(SCHEMA_VERSION), str(time.time_ns() // 1000)),
             )
-        await db.execute("COMMIT")
+        db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
         raise
 
 
@@ -386,25 +482,26 @@ async def _lock_file(path: str) -> AsyncIterator[None]:
 async def open_sqlite(path: str, options: StoreOptions) -> AsyncIterator[SQLiteStore]:
     """Open (creating and migrating if needed) the ledger in `path`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
     async with _lock_file(path):
-        writer = await aiosqlite.connect(path, isolation_level=None)
-        try:
-            await _configure(writer, options.durability)
-            await _migrate(writer)
-            reader = await aiosqlite.connect(path, isolation_level=None)
+        with ThreadPoolExecutor(1, thread_name_prefix="casledger-writer") as thread:
+            db, tail = await loop.run_in_executor(thread, _open_writer, path, options.durability)
             try:
-                await _configure(reader, options.durability)
-                await reader.execute("PRAGMA query_only = 1")
-                async with reader.execute("SELECT coalesce(max(revision), 0) FROM versions") as c:
-                    row = await c.fetchone()
-                hub = WatchHub(row[0] if row else 0, max_queued=options.watch_queue)
-                store = SQLiteStore(writer, reader, hub, options)
-                try:
-                    yield store
-                finally:
-                    # Closing the connections under an abandoned write would fail it half-way.
-                    await store.drain()
+                async with aiosqlite.connect(path, isolation_level=None) as reader:
+                    for pragma in (*_PRAGMAS, _synchronous(options.durability),
+                                   "PRAGMA query_only = 1"):
+                        await reader.execute(pragma)
+                    hub = WatchHub(tail.revision, max_queued=options.watch_queue)
+                    store = SQLiteStore(db, thread, reader, hub, options, tail)
+                    writer = asyncio.create_task(store.run_writer(), name="casledger-writer")
+                    try:
+                        yield store
+                    finally:
+                        # Closing the connections under an abandoned write would fail it
+                        # half-way: every write queued or started is finished first.
+                        await store.drain()
+                        writer.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await writer
             finally:
-                await reader.close()
-        finally:
-            await writer.close()
+                await loop.run_in_executor(thread, db.close)

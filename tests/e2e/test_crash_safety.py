@@ -286,8 +286,9 @@ async def synchronous_of(settings: Settings) -> int:
     """The writer connection's PRAGMA synchronous in a service started with `settings`."""
     async with serve(settings) as running:
         store = running.store
-        async with store._writer.execute("PRAGMA synchronous") as cursor:  # type: ignore[attr-defined]
-            row = await cursor.fetchone()
+        row = await asyncio.get_running_loop().run_in_executor(
+            store._thread,  # type: ignore[attr-defined]
+            lambda: store._db.execute("PRAGMA synchronous").fetchone())  # type: ignore[attr-defined]
     assert row is not None
     return int(row[0])
 

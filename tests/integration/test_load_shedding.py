@@ -15,6 +15,7 @@ import asyncio
 import json
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -69,10 +70,15 @@ async def bridge_metric(http: httpx.AsyncClient, name: str, **labels: str) -> fl
 
 @asynccontextmanager
 async def write_lock_held(server: RunningServer) -> AsyncIterator[None]:
-    """Every write waits while this is held (the SQLite store's own lock)."""
-    lock: asyncio.Lock = server.store._lock  # type: ignore[attr-defined]
-    async with lock:
+    """Every write waits while this is held: the SQLite store's writer thread is kept busy."""
+    release = threading.Event()
+    thread = server.store._thread  # type: ignore[attr-defined]
+    busy = asyncio.get_running_loop().run_in_executor(thread, release.wait)
+    try:
         yield
+    finally:
+        release.set()
+        await busy
 
 
 @pytest.fixture

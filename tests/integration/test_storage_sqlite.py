@@ -138,6 +138,8 @@ async def test_a_newer_schema_refuses_to_open(db_path: Path) -> None:
 
 
 async def pragma(connection: Any, name: str) -> Any:
+    if isinstance(connection, sqlite3.Connection):  # the writer's (its thread is idle now)
+        return connection.execute(f"PRAGMA {name}").fetchone()[0]
     async with connection.execute(f"PRAGMA {name}") as cursor:
         row = await cursor.fetchone()
     return row[0]
@@ -146,10 +148,10 @@ async def pragma(connection: Any, name: str) -> Any:
 async def test_wal_and_full_synchronous_by_default(db_path: Path) -> None:
     async with open_store(url_of(db_path)) as opened:
         store = sqlite_of(opened)
-        assert await pragma(store._writer, "journal_mode") == "wal"
+        assert await pragma(store._db, "journal_mode") == "wal"
         assert await pragma(store._reader, "journal_mode") == "wal"
         # synchronous is per connection: the writer's is the one that makes a commit durable.
-        assert await pragma(store._writer, "synchronous") == 2  # FULL
+        assert await pragma(store._db, "synchronous") == 2  # FULL
         assert await pragma(store._reader, "synchronous") == 2
     with raw(db_path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # persisted in the file
@@ -159,8 +161,8 @@ async def test_normal_durability_sets_synchronous_normal(db_path: Path) -> None:
     options = StoreOptions(durability=Durability.NORMAL)
     async with open_store(url_of(db_path), options) as opened:
         store = sqlite_of(opened)
-        assert await pragma(store._writer, "synchronous") == 1  # NORMAL
-        assert await pragma(store._writer, "journal_mode") == "wal"
+        assert await pragma(store._db, "synchronous") == 1  # NORMAL
+        assert await pragma(store._db, "journal_mode") == "wal"
 
 
 # --- append-only, one owner --------------------------------------------------------------------
@@ -212,13 +214,18 @@ class Recorder:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *connections: Any) -> None:
         self.statements: list[tuple[str, tuple[Any, ...]]] = []
         for connection in connections:
-            original = connection.execute
+            if isinstance(connection, sqlite3.Connection):
+                # The writer's: statements as run, parameters bound into the text.
+                connection.set_trace_callback(lambda sql: self.statements.append((sql, ())))
+                continue
+            for method in ("execute", "execute_fetchall"):
+                original = getattr(connection, method)
 
-            def execute(sql: str, parameters: Any = None, _original: Any = original) -> Any:
-                self.statements.append((sql, tuple(parameters or ())))
-                return _original(sql, parameters)
+                def execute(sql: str, parameters: Any = None, _original: Any = original) -> Any:
+                    self.statements.append((sql, tuple(parameters or ())))
+                    return _original(sql, parameters)
 
-            monkeypatch.setattr(connection, "execute", execute)
+                monkeypatch.setattr(connection, method, execute)
 
     def selects(self) -> list[tuple[str, tuple[Any, ...]]]:
         taken = [(sql, params) for sql, params in self.statements
@@ -233,7 +240,7 @@ async def test_reads_search_indexes_never_scan(db_path: Path,
         store = sqlite_of(opened)
         for i in range(5):
             await store.write(create(f"documents/{i}"))
-        rec = Recorder(monkeypatch, store._reader, store._writer)
+        rec = Recorder(monkeypatch, store._reader, store._db)
         queries: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}
         await store.get("documents/1")
         queries["current version"] = rec.selects()
@@ -249,8 +256,7 @@ async def test_reads_search_indexes_never_scan(db_path: Path,
         queries["watch replay under a prefix"] = rec.selects()
         await store.write(update("documents/1", pre=Precondition.of_version(1), request_id="r1",
                                  request_scope="documents/1", fingerprint=b"f"))
-        # The head read and the request-id lookup inside a write; the tail read is left out:
-        # ORDER BY the rowid DESC LIMIT 1 reads one row, though EXPLAIN calls that a SCAN.
+        # The head read and the request-id lookup inside a write (the tail is kept in memory).
         queries["write"] = [(sql, params) for sql, params in rec.selects()
                             if "WHERE" in sql]
     assert all(queries.values()), queries
@@ -328,7 +334,7 @@ async def test_purge_keeps_records_younger_than_the_ttl(
         clock.advance(DAY_S + 1)
         await store.write(with_request_id(create("documents/new"), "new", b"2"))
         clock.advance(DAY_S)  # "old" is 2 days + 1 s old, "new" exactly 1 day
-        await store._purge_requests()
+        await asyncio.get_running_loop().run_in_executor(store._thread, store._purge_requests)
         assert request_ids(db_path) == {"new"}
 
 
@@ -374,7 +380,7 @@ async def test_a_write_whose_caller_is_cancelled_commits_fully_or_not_at_all(
         # The next write waits for the abandoned one, then goes through.
         after = await store.write(update("documents/1", b'{"next":true}',
                                          pre=Precondition.of_exists(True)))
-        assert not store._writer.in_transaction
+        assert not store._db.in_transaction
         assert store.hub.revision == after.revision
         current = await store.get("documents/1")
         assert current.etag == after.etag
@@ -407,3 +413,99 @@ async def test_closing_the_store_waits_for_an_abandoned_write(db_path: Path, tur
     finally:
         loop.set_exception_handler(None)
     assert failures == []
+
+
+# --- group commit ------------------------------------------------------------------------------
+
+
+def merge_patch(name: str, document: bytes, *, pre: Precondition | None) -> Write:
+    return Write(kind=WriteKind.UPDATE, name=name, precondition=pre,
+                 patch=model.PatchSpec("application/merge-patch+json", document))
+
+
+def count_commits(store: SQLiteStore) -> list[int]:
+    """A list whose length grows by one at every COMMIT on the writer connection."""
+    commits: list[int] = []
+    store._db.set_trace_callback(lambda sql: commits.append(1) if sql == "COMMIT" else None)
+    return commits
+
+
+async def test_concurrent_writes_share_transactions_and_each_is_checked_alone(
+    db_path: Path
+) -> None:
+    async with open_store(url_of(db_path)) as opened:
+        store = sqlite_of(opened)
+        firsts = await asyncio.gather(*(store.write(create(f"documents/{i}")) for i in range(40)))
+        commits = count_commits(store)
+        writes = [update(f"documents/{v.name.rsplit('/', 1)[1]}", b'{"n":%d}' % i,
+                         pre=Precondition.of_etag(v.etag)) for i, v in enumerate(firsts)]
+        # Every third write names a stale ETag: it fails alone, its batch goes on.
+        writes = [dataclasses.replace(w, precondition=Precondition.of_etag('"9-00"'))
+                  if i % 3 == 0 else w for i, w in enumerate(writes)]
+        results = await asyncio.gather(*(store.write(w) for w in writes), return_exceptions=True)
+        store._db.set_trace_callback(None)
+    assert len(commits) < 40 / 2  # batched: far fewer transactions than writes
+    for i, result in enumerate(results):
+        if i % 3 == 0:
+            assert isinstance(result, errors.VersionMismatch), result
+        else:
+            assert isinstance(result, Version), result
+            assert result.version == 2
+    versions = check_ledger(db_path)
+    assert len(versions) == 40 + len([r for r in results if isinstance(r, Version)])
+
+
+async def test_writes_in_one_batch_see_the_writes_before_them(db_path: Path) -> None:
+    async with open_store(url_of(db_path)) as opened:
+        store = sqlite_of(opened)
+        v1 = await store.write(create("documents/1", b'{"a":1}'))
+        request = with_request_id(merge_patch("documents/1", b'{"b":2}',
+                                              pre=Precondition.of_exists(True)), "r1", b"fp")
+        commits = count_commits(store)
+        # Queued together: one transaction plans each against the one before it.
+        results = await asyncio.gather(
+            store.write(update("documents/1", b'{"a":10}', pre=Precondition.of_etag(v1.etag))),
+            store.write(request),
+            store.write(request),  # the same request id again: the first outcome, replayed
+            store.write(merge_patch("documents/1", b'{"c":3}', pre=Precondition.of_version(3))),
+            store.write(update("documents/1", b'{"lost":1}', pre=Precondition.of_etag(v1.etag))),
+        return_exceptions=True)
+        store._db.set_trace_callback(None)
+        assert len(commits) == 1
+    replaced, patched, replayed, patched_again, stale = results
+    assert isinstance(replaced, Version)
+    assert replaced.version == 2
+    assert isinstance(patched, Version)
+    assert patched.content == b'{"a":10,"b":2}'
+    assert replayed == patched
+    assert isinstance(patched_again, Version)
+    assert patched_again.version == 4
+    assert patched_again.content == b'{"a":10,"b":2,"c":3}'
+    assert isinstance(stale, errors.VersionMismatch)
+    assert stale.current.version == 4
+    assert [v.version for v in check_ledger(db_path)] == [1, 2, 3, 4]
+
+
+async def test_a_failed_batch_writes_nothing_and_the_next_one_continues_the_chain(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(url_of(db_path)) as opened:
+        store = sqlite_of(opened)
+        await store.write(create("documents/0"))
+        append = store._append
+
+        def failing(v: Version, write: Write) -> None:
+            if v.name == "documents/bad":
+                raise sqlite3.OperationalError("disk I/O error")
+            append(v, write)
+
+        monkeypatch.setattr(store, "_append", failing)
+        results = await asyncio.gather(
+            *(store.write(create(f"documents/{n}")) for n in ("a", "bad", "b")),
+            return_exceptions=True)
+        assert all(isinstance(r, errors.StorageUnavailable) for r in results), results
+        assert store.hub.revision == 1
+        monkeypatch.setattr(store, "_append", append)
+        after = await store.write(create("documents/a"))
+        assert after.revision == 2
+    assert [v.name for v in check_ledger(db_path)] == ["documents/0", "documents/a"]
