@@ -21,7 +21,7 @@ import json
 import re
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -198,25 +198,33 @@ EMPTY_TAIL = Tail(revision=0, hash=b"", update_time_us=0)
 
 def compute_hash(v: Version) -> bytes:
     """The SHA-256 of a version (its `hash` field is ignored); see the module docstring."""
-    h = hashlib.sha256()
-    for part in (
+    return _digest(v.name, v.version, v.revision, v.content_type, v.create_time_us,
+                   v.update_time_us, v.actor, v.reason, v.deleted, v.previous_hash,
+                   v.ledger_previous_hash, v.content)
+
+
+def _digest(name: str, version: int, revision: int, content_type: str, create_time_us: int,
+            update_time_us: int, actor: str, reason: str, deleted: bool, previous_hash: bytes,
+            ledger_previous_hash: bytes, content: bytes) -> bytes:
+    parts = (
         HASH_FORMAT,
-        v.name.encode(),
-        str(v.version).encode(),
-        str(v.revision).encode(),
-        v.content_type.encode(),
-        str(v.create_time_us).encode(),
-        str(v.update_time_us).encode(),
-        v.actor.encode(),
-        v.reason.encode(),
-        b"1" if v.deleted else b"0",
-        v.previous_hash,
-        v.ledger_previous_hash,
-    ):
-        h.update(len(part).to_bytes(4, "big"))
-        h.update(part)
-    h.update(len(v.content).to_bytes(8, "big"))
-    h.update(v.content)
+        name.encode(),
+        str(version).encode(),
+        str(revision).encode(),
+        content_type.encode(),
+        str(create_time_us).encode(),
+        str(update_time_us).encode(),
+        actor.encode(),
+        reason.encode(),
+        b"1" if deleted else b"0",
+        previous_hash,
+        ledger_previous_hash,
+    )
+    # One buffer of length-prefixed parts, then the content: SHA-256 sees the same stream as
+    # part-by-part updates would feed it.
+    framed = b"".join([piece for part in parts for piece in (len(part).to_bytes(4, "big"), part)])
+    h = hashlib.sha256(framed + len(content).to_bytes(8, "big"))
+    h.update(content)
     return h.digest()
 
 
@@ -438,23 +446,28 @@ def plan_write(write: Write, head: Head | None, tail: Tail, now_us: int, *, limi
     # update_time strictly increases along the ledger, even when the wall clock steps back: so
     # it orders commits, and create_time == update_time exactly on a (re)creating version.
     update_time_us = max(now_us, tail.update_time_us + 1)
-    version = Version(
+    number = previous.version + 1 if previous else 1
+    create_time_us = previous.create_time_us if previous and not recreated else update_time_us
+    deleted = write.kind is WriteKind.DELETE
+    previous_hash = previous.hash if previous else b""
+    return Version(
         name=write.name,
-        version=previous.version + 1 if previous else 1,
+        version=number,
         revision=tail.revision + 1,
         content=content,
         content_type=content_type,
-        create_time_us=previous.create_time_us if previous and not recreated else update_time_us,
+        create_time_us=create_time_us,
         update_time_us=update_time_us,
         actor=write.actor,
         reason=write.reason,
-        deleted=write.kind is WriteKind.DELETE,
-        previous_hash=previous.hash if previous else b"",
+        deleted=deleted,
+        previous_hash=previous_hash,
         ledger_previous_hash=tail.hash,
-        hash=b"",
+        hash=_digest(write.name, number, tail.revision + 1, content_type, create_time_us,
+                     update_time_us, write.actor, write.reason, deleted, previous_hash,
+                     tail.hash, content),
         size=len(content),
     )
-    return replace(version, hash=compute_hash(version))
 
 
 def _require_precondition(write: Write, live: Head) -> None:

@@ -24,10 +24,11 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ PURGE_EVERY = 1000
 # One transaction takes at most this many queued writes, or about this much content.
 MAX_BATCH_WRITES = 256
 MAX_BATCH_BYTES = 8 << 20
+# Heads (metadata only) the writer keeps in memory, least recently written or read dropped first.
+HEAD_CACHE_ENTRIES = 8192
 
 # Content is the last column: SQLite then never walks a big value's overflow pages to reach
 # another column, so metadata reads stay cheap however large the content.
@@ -158,6 +161,8 @@ class SQLiteStore:
         self.hub = hub
         self._options = options
         self._tail = tail
+        # Only this process writes the file (the lock file), so a cached head is the head.
+        self._heads: OrderedDict[str, Head] = OrderedDict()
         self._queue: deque[tuple[Write, asyncio.Future[Version]]] = deque()
         self._wake = asyncio.Event()
         self._writes = 0
@@ -231,6 +236,8 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
             raise
         self._tail = batch.tail
+        for name, head in batch.heads.items():
+            self._remember(name, head)
         before, self._writes = self._writes, self._writes + len(batch.fresh)
         if self._writes // PURGE_EVERY != before // PURGE_EVERY:
             self._purge_requests()
@@ -242,8 +249,7 @@ class SQLiteStore:
                 replayed = self._replay(write, batch)
                 if replayed is not None:
                     return replayed
-            head = batch.heads.get(write.name) or self._head(write.name,
-                                                             with_content=write.needs_content)
+            head = batch.heads.get(write.name) or self._current_head(write)
             version = plan_write(write, head, batch.tail, time.time_ns() // 1000,
                                  limit=self._options.max_content_bytes)
         except sqlite3.Error:
@@ -273,6 +279,29 @@ class SQLiteStore:
         if fingerprint != write.fingerprint:
             raise errors.IdempotencyKeyReused(write.request_scope, write.request_id)
         return version
+
+    def _current_head(self, write: Write) -> Head | None:
+        """The committed head of the write's resource: from memory unless the write needs the
+        content (a patch), which the cache leaves out."""
+        if write.needs_content:
+            return self._head(write.name, with_content=True)
+        head = self._heads.get(write.name)
+        if head is not None:
+            self._heads.move_to_end(write.name)
+            return head
+        head = self._head(write.name, with_content=False)
+        if head is not None:
+            self._remember(write.name, head)
+        return head
+
+    def _remember(self, name: str, head: Head) -> None:
+        if head.latest.content:
+            head = Head(latest=replace(head.latest, content=b""),
+                        previous_update_time_us=head.previous_update_time_us)
+        self._heads[name] = head
+        self._heads.move_to_end(name)
+        if len(self._heads) > HEAD_CACHE_ENTRIES:
+            self._heads.popitem(last=False)
 
     def _head(self, name: str, *, with_content: bool) -> Head | None:
         columns = _ALL_COLUMNS if with_content else _META_COLUMNS + ", x''"

@@ -509,3 +509,23 @@ async def test_a_failed_batch_writes_nothing_and_the_next_one_continues_the_chai
         after = await store.write(create("documents/a"))
         assert after.revision == 2
     assert [v.name for v in check_ledger(db_path)] == ["documents/0", "documents/a"]
+
+
+async def test_the_writer_keeps_a_bounded_cache_of_heads_without_content(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "HEAD_CACHE_ENTRIES", 2)
+    async with open_store(url_of(db_path)) as opened:
+        store = sqlite_of(opened)
+        firsts = [await store.write(create(f"documents/{i}", b'{"big":"%s"}' % (b"x" * 1000)))
+                  for i in range(5)]
+        assert list(store._heads) == ["documents/3", "documents/4"]
+        assert all(head.latest.content == b"" for head in store._heads.values())
+        # An evicted head is read again from the file; a patch reads the content it needs.
+        again = await store.write(update("documents/0", pre=Precondition.of_etag(firsts[0].etag)))
+        patched = await store.write(merge_patch("documents/4", b'{"more":1}',
+                                                pre=Precondition.of_version(1)))
+        assert again.version == 2
+        assert patched.content == b'{"big":"%s","more":1}' % (b"x" * 1000)
+        assert len(store._heads) == 2
+    check_ledger(db_path)
