@@ -45,8 +45,9 @@ lint: $(STAMP)
 	$(BIN)/mypy -p casledger.service -p casledger.http_bridge
 	$(BIN)/mypy protos/generate.py
 
+## bench: every benchmark (http vs etcd, grpc, scale); e.g. make bench BENCH_ARGS=--quick
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
