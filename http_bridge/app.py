@@ -1,10 +1,11 @@
 """The HTTP bridge: RFC 9110 conditional requests over the ledger's gRPC API.
 
 ``create_app(settings)`` builds the Starlette app; its lifespan opens one gRPC channel to the
-service (``casledger.service.client``), reused by every request. The bridge owns HTTP semantics
-only: ETag/If-Match <-> Precondition (``conditional.py``), ledger errors -> problem+json
-(``errors.py``), bodies and limits, Server-Sent Events. It stores nothing and checks no ledger
-rule itself: the service does, atomically.
+service (``casledger.service.client``), reused by every request, and the read cache that follows
+the ledger over it (``readindex.py``). The bridge owns HTTP semantics only: ETag/If-Match <->
+Precondition (``conditional.py``), ledger errors -> problem+json (``errors.py``), bodies and
+limits, Server-Sent Events. It stores nothing but that cache of heads, and checks no ledger rule
+itself: the service does, atomically.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .errors import Problem, bad_request, from_call_error, problem
 from .metrics import BridgeMetrics
 from .middleware import LoadShedder, RequestObserver
 from .openapi import openapi_document
+from .readindex import ReadCache, open_read_cache
 from .security import ForwardAuthorization, target_tls
 from .views import http_date, last_modified, resource_view
 
@@ -65,6 +67,10 @@ class BridgeSettings:
     http_tls_key: str = ""
     target_tls_ca: str = ""
     target_tls_name: str = ""
+    # Linearizable reads from a cache of heads (README: "HTTP bridge"; readindex.py).
+    read_cache: bool = True
+    read_cache_entries: int = 10_000
+    read_cache_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         for name in ("target", "http_listen"):
@@ -82,6 +88,13 @@ class BridgeSettings:
                              "neither")
         if self.target_tls_name and not self.target_tls_ca:
             raise ValueError("--target-tls-name needs --target-tls-ca")
+        if self.read_cache_entries < 1 or self.read_cache_bytes < 1:
+            raise ValueError("read_cache_entries and read_cache_bytes must be at least 1")
+
+    @property
+    def read_cache_wait_s(self) -> float:
+        """How long a read waits for the cache to catch up before it asks the service."""
+        return min(1.0, self.call_timeout_s)
 
 
 def representation_headers(r: pb.Resource, request: Request) -> dict[str, str]:
@@ -105,6 +118,11 @@ def resource_response(r: pb.Resource, request: Request, *, status: int = 200,
 def ledger(request: Request) -> LedgerClient:
     client: LedgerClient = request.state.ledger
     return client
+
+
+def read_cache(request: Request) -> ReadCache | None:
+    reads: ReadCache | None = request.state.reads
+    return reads
 
 
 def settings_of(request: Request) -> BridgeSettings:
@@ -266,7 +284,18 @@ async def conditional_write(
 async def get_resource(request: Request, name: str) -> Response:
     version = int_param(request, "version", minimum=1, default=0) if (
         "version" in request.query_params) else 0
-    r = await ledger(request).get(name, version)
+    reads = read_cache(request)
+    if version or reads is None:
+        r = await ledger(request).get(name, version)
+    else:
+        r = await reads.get(name, lambda: ledger(request).get(name),
+                            credentials="authorization" in request.headers)
+    return read_response(request, name, r, version)
+
+
+def read_response(request: Request, name: str, r: pb.Resource, version: int) -> Response:
+    """The answer to GET/HEAD of `name` (at `version`, 0 = current) once the read gave `r`:
+    the one code for reads through the cache and straight from the service alike."""
     if r.deleted:
         return problem(410, "Gone", f"version {r.version} of {name} is its deletion",
                        reason="DELETED", deleted_at_version=r.version)
@@ -501,14 +530,23 @@ def create_app(settings: BridgeSettings | None = None) -> Starlette:
     """The bridge's ASGI app; its lifespan owns the gRPC channel to ``settings.target``."""
     settings = settings or BridgeSettings()
 
+    metrics = BridgeMetrics()
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         tls_ca, options = target_tls(settings.target_tls_ca, settings.target_tls_name)
         async with connect(settings.target, call_timeout=settings.call_timeout_s,
                            tls_ca=tls_ca, options=options) as client:
-            yield {"ledger": client, "settings": settings}
+            if not settings.read_cache:
+                yield {"ledger": client, "settings": settings, "reads": None}
+                return
+            async with open_read_cache(
+                client, max_entries=settings.read_cache_entries,
+                max_bytes=settings.read_cache_bytes, wait_s=settings.read_cache_wait_s,
+                metrics=metrics,
+            ) as reads:
+                yield {"ledger": client, "settings": settings, "reads": reads}
 
-    metrics = BridgeMetrics()
     requests, streams = Gate(settings.max_in_flight), Gate(settings.max_watchers)
     metrics.track(in_flight=lambda: requests.in_flight, sse_streams=lambda: streams.in_flight)
     # Outermost: every request gets its id, metrics and access line, CORS preflights too.

@@ -13,6 +13,15 @@ the status code, and a problem's reason from the bridge's own table.
                                                                 (kind: request or stream)
     casledger_http_precondition_outcomes_total{status, reason}  304, 412 and 428 answers, by
                                                                 reason (NOT_MODIFIED for 304)
+    casledger_http_read_cache_reads_total{outcome}              current-version reads: hit,
+                                                                miss or fallback (readindex.py)
+    casledger_http_read_cache_fallbacks_total{reason}           fallbacks, by why
+    casledger_http_read_index_rounds_total                      GetRevision calls for reads
+    casledger_http_read_cache_resets_total                      cache cleared (a gap, or
+                                                                the ledger went back)
+    casledger_http_read_cache_entries, _bytes                   what the cache holds
+    casledger_http_read_cache_revision                          its applied revision
+    casledger_http_read_cache_following                         1 while its watch is up
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "POST", "OPTIONS"}
 PRECONDITION_STATUSES = frozenset({304, 412, 428})
 # Reasons the bridge itself gives a 412 or 428, besides the service's (HTTP_STATUS).
 _OWN_REASONS = frozenset({"NOT_MODIFIED", "VERSION_MISMATCH", "ALREADY_EXISTS"})
+READ_OUTCOMES = ("hit", "miss", "fallback")
+# Why a read went to the service without the cache (readindex.py, ReadCache.get).
+FALLBACK_REASONS = ("authorization", "not_following", "read_index_failed", "wait_timeout",
+                    "lagging")
 
 
 class BridgeMetrics:
@@ -64,6 +77,48 @@ class BridgeMetrics:
                                      "preconditions: 304 Not Modified, 412 Precondition Failed, "
                                      "428 Precondition Required, by reason",
                                      ("status", "reason"), registry=r)
+
+        self.read_cache_reads = Counter(
+            "casledger_http_read_cache_reads", "Reads of current versions (GET/HEAD /v1/{name}) "
+            "by how they were answered: hit (from the read cache), miss (GetResource, then "
+            "cached), fallback (GetResource alone)", ("outcome",), registry=r)
+        self.read_cache_fallbacks = Counter(
+            "casledger_http_read_cache_fallbacks", "Reads answered by GetResource without the "
+            "cache, by why: authorization (the request carries credentials), not_following "
+            "(the cache's watch is down), read_index_failed (GetRevision failed), wait_timeout "
+            "(the cache did not catch up in time), lagging (it has not yet, since)",
+            ("reason",), registry=r)
+        self.read_index_rounds = Counter(
+            "casledger_http_read_index_rounds", "GetRevision calls made for reads; each serves "
+            "every read waiting when it starts", registry=r)
+        self.read_cache_resets = Counter(
+            "casledger_http_read_cache_resets", "Times the read cache was cleared: a gap in its "
+            "watch, or the ledger's revision went back", registry=r)
+        self.read_cache_entries = Gauge("casledger_http_read_cache_entries", "Resource heads "
+                                        "in the read cache", registry=r)
+        self.read_cache_bytes = Gauge("casledger_http_read_cache_bytes", "Bytes the read "
+                                      "cache accounts for its heads", registry=r)
+        self.read_cache_revision = Gauge("casledger_http_read_cache_revision", "The last "
+                                         "revision the read cache applied", registry=r)
+        self.read_cache_following = Gauge("casledger_http_read_cache_following", "1 while the "
+                                          "read cache's watch of the ledger is up", registry=r)
+        for outcome in READ_OUTCOMES:  # exported at 0 from the start
+            self.read_cache_reads.labels(outcome)
+        for reason in FALLBACK_REASONS:
+            self.read_cache_fallbacks.labels(reason)
+
+    def read_cache_read(self, outcome: str, reason: str = "") -> None:
+        self.read_cache_reads.labels(outcome).inc()
+        if reason:
+            self.read_cache_fallbacks.labels(reason).inc()
+
+    def track_read_cache(self, *, entries: Callable[[], float], size: Callable[[], float],
+                         revision: Callable[[], float], following: Callable[[], float]) -> None:
+        """Read the read cache's gauges from it, at scrape time."""
+        self.read_cache_entries.set_function(entries)
+        self.read_cache_bytes.set_function(size)
+        self.read_cache_revision.set_function(revision)
+        self.read_cache_following.set_function(following)
 
     def track(self, *, in_flight: Callable[[], float], sse_streams: Callable[[], float]) -> None:
         """Read the gauges from the gates that hold the numbers, at scrape time."""

@@ -363,6 +363,8 @@ METHOD_ACCESS: dict[str, tuple[Scope, Callable[[Any], str]]] = {
     "ListResources": (Scope.READ, lambda request: request.parent),
     "ListVersions": (Scope.READ, lambda request: request.name),
     "Watch": (Scope.READ, lambda request: request.prefix),
+    # The revision counts every write of the ledger: as much as a Watch of the whole ledger says.
+    "GetRevision": (Scope.READ, lambda request: ""),
     "CreateResource": (Scope.WRITE, _create_path),
     "UpdateResource": (Scope.WRITE, lambda request: request.name),
     "DeleteResource": (Scope.WRITE, lambda request: request.name),

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from . import errors
 from .api.casledger.v1 import ledger_pb2 as pb
 from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
 
@@ -54,6 +55,14 @@ class LedgerCallError(Exception):
     @property
     def current_etag(self) -> str | None:
         return self.metadata.get("current_etag") or None
+
+    @classmethod
+    def not_found(cls, name: str, *, deleted_at_version: int = 0) -> LedgerCallError:
+        """What GetResource of the current version answers when `name` does not exist (or was
+        deleted at `deleted_at_version`), made from the service's own domain error: an answer
+        given without the call (the bridge's read cache) is the service's, word for word."""
+        error = errors.ResourceNotFound(name=name, deleted_at_version=deleted_at_version)
+        return cls(grpc.StatusCode.NOT_FOUND, error.message, error.reason, error.metadata())
 
     @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> LedgerCallError:
@@ -125,6 +134,13 @@ class LedgerClient:
     async def get(self, name: str, version: int = 0) -> pb.Resource:
         request = pb.GetResourceRequest(name=name, version=version)
         return await self._call("GetResource", request, pb.Resource)
+
+    async def revision(self) -> int:
+        """The ledger's latest committed revision: every write acknowledged before this call
+        was made is at or below it (GetRevision, the read index of a linearizable read)."""
+        response = await self._call("GetRevision", pb.GetRevisionRequest(),
+                                    pb.GetRevisionResponse)
+        return response.revision
 
     async def list(self, parent: str, *, page_size: int = 0,
                    page_token: str = "") -> pb.ListResourcesResponse:

@@ -361,6 +361,11 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             next_page_token=token,
         )
 
+    @_unary
+    async def GetRevision(self, request: pb.GetRevisionRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GetRevisionResponse:
+        return pb.GetRevisionResponse(revision=await self._store.current_revision())
+
     async def Watch(self, request: pb.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
         try:

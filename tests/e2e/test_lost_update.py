@@ -31,6 +31,7 @@ from typing import Literal
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from casledger.service.client import LedgerCallError, LedgerClient, connect, precondition
 from tests.support import linearizability as lin
@@ -187,6 +188,15 @@ async def http_client(name: str, http: httpx.AsyncClient, recorder: Recorder, se
         recorder.records.append(record)
 
 
+def read_cache_reads(metrics: str, outcome: str) -> float:
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if (sample.name == "casledger_http_read_cache_reads_total"
+                    and sample.labels == {"outcome": outcome}):
+                return float(sample.value)
+    return 0.0
+
+
 def by_client_and_key(records: list[Record]) -> Iterator[list[Record]]:
     grouped: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for record in records:  # appended in each client's program order
@@ -217,6 +227,12 @@ async def test_concurrent_read_modify_write_loses_no_update(served: Served) -> N
         histories = {key: [v async for v in seeder.history(key, include_content=True)]
                      for key in KEYS}
         finals = {key: await seeder.get(key) for key in KEYS}
+        async with httpx.AsyncClient(base_url=served.base_url) as http:
+            metrics = (await http.get("/metrics")).text
+    # The HTTP reads went through the bridge's read cache (on by default): read index, watch.
+    cache_reads = {outcome: read_cache_reads(metrics, outcome)
+                   for outcome in ("hit", "miss", "fallback")}
+    assert cache_reads["hit"] > 0, cache_reads
 
     records = recorder.records
     cas_records = {r.op_id: r for r in records if r.kind == "cas"}
@@ -270,4 +286,5 @@ async def test_concurrent_read_modify_write_loses_no_update(served: Served) -> N
     print(f"\nlinearizability: {checked} operations checked over {len(KEYS)} keys "
           f"({sum(1 for r in records if r.kind == 'read')} reads, {outcomes['ok']} acknowledged "
           f"writes, {outcomes['fail']} refused, {outcomes['unknown']} indeterminate); "
-          f"final values {[body_n(finals[k].content) for k in KEYS]}")
+          f"final values {[body_n(finals[k].content) for k in KEYS]}; bridge read cache "
+          f"{cache_reads}")

@@ -92,6 +92,7 @@ CALLS: dict[str, Call] = {
     "ListResources": lambda c: c.list("documents"),
     "ListVersions": lambda c: c.versions("documents/d1"),
     "Watch": lambda c: watch_first(c, "documents"),
+    "GetRevision": lambda c: c.revision(),
     "CreateResource": lambda c: c.create("documents", b"{}", resource_id="d2"),
     "UpdateResource": lambda c: c.replace("documents/d1", b"{}", precondition=PRE),
     "DeleteResource": lambda c: c.delete("documents/d1", precondition=PRE),
@@ -135,6 +136,8 @@ async def test_a_valid_token_is_admitted(ledger: LedgerClient, seeded: pb.Resour
     for token in (tokens.admin, tokens.writer, tokens.docs):
         if method == "DeleteResource" and token != tokens.admin:
             continue  # d1 can be deleted once
+        if method == "GetRevision" and token == tokens.docs:
+            continue  # the whole ledger's revision: beyond a prefix-limited token
         with as_token(token):
             if method == "CreateResource":
                 await ledger.create("documents", b"{}", resource_id=f"by-{token[-6:]}")
@@ -173,8 +176,9 @@ async def test_a_read_only_token_cannot_write(ledger: LedgerClient, seeded: pb.R
     (lambda c: c.create("projects", b"{}", resource_id="p2"), "projects/p2"),
     (lambda c: c.replace("secrets/s1", b"{}", precondition=PRE), "secrets/s1"),
     (lambda c: c.delete("secrets/s1", precondition=PRE), "secrets/s1"),
+    (lambda c: c.revision(), ""),
 ], ids=["get", "list", "list-parent-of-prefix", "versions", "watch", "watch-all", "create",
-        "create-generated-id", "create-sibling", "update", "delete"])
+        "create-generated-id", "create-sibling", "update", "delete", "revision"])
 async def test_a_prefix_limited_token_is_denied_outside(
         ledger: LedgerClient, tokens: Tokens, revision: Callable[[], int], call: Call,
         path: str) -> None:

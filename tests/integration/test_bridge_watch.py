@@ -196,7 +196,7 @@ async def test_watch_from_now_sees_only_new_writes(
     await create(live_bridge, "documents/old")
 
     async with watch("/v1/documents:watch") as sse:
-        await watching(server, 1)
+        await watching(server, 2)  # the stream's watch, and the bridge's read cache's
         await create(live_bridge, "documents/new")
         event = await sse.next_event()
 

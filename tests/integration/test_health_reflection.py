@@ -93,6 +93,8 @@ async def test_reflection_describes_the_ledger(channel: grpc.aio.Channel) -> Non
         "ListVersions": (".casledger.v1.ListVersionsRequest",
                          ".casledger.v1.ListVersionsResponse", False),
         "Watch": (".casledger.v1.WatchRequest", ".casledger.v1.WatchEvent", True),
+        "GetRevision": (".casledger.v1.GetRevisionRequest", ".casledger.v1.GetRevisionResponse",
+                        False),
     }
     messages = {m.name for m in ledger_file.message_type}
     assert {"Resource", "Precondition", "WatchEvent", "UpdateResourceRequest"} <= messages

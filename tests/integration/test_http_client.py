@@ -394,7 +394,7 @@ async def test_watch_from_now_resumes_without_a_gap(
         watcher.watch("documents", retry_s=0.01)
     ) as stream:
         pending = asyncio.create_task(next_event(stream))
-        await watching(server, 1)
+        await watching(server, 2)  # the stream's watch, and the bridge's read cache's
         await proxy.wait_for_downstream(b"watching from revision 1\n")
         proxy.open.clear()  # the reconnection waits until the write below is committed
         proxy.cut()

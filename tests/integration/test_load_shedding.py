@@ -195,8 +195,9 @@ async def _equals(value: Awaitable[float], expected: float) -> bool:
 async def test_an_overloaded_service_is_503_with_its_retry_after_at_the_bridge(
     settings: Settings, make_bridge: Any, problem: Any,
 ) -> None:
+    # No read cache: its own GetRevision could take the service's one slot first.
     async with serve(settings.replace(max_in_flight=1)) as busy, make_bridge(
-        BridgeSettings(target=busy.target)
+        BridgeSettings(target=busy.target, read_cache=False)
     ) as http:
         async with write_lock_held(busy):
             held = asyncio.create_task(http.put("/v1/documents/a", content=b"{}",
@@ -311,8 +312,10 @@ async def write_versions(server: RunningServer, count: int,
 async def test_a_stalled_sse_client_is_pushed_back_on_not_buffered(
     slow_server: RunningServer,
 ) -> None:
-    # Heartbeats far apart: the stall timeout stays out of this test.
-    app = create_app(BridgeSettings(target=slow_server.target, heartbeat_s=60))
+    # Heartbeats far apart: the stall timeout stays out of this test. No read cache: the
+    # service's only watcher is then the SSE stream's.
+    app = create_app(BridgeSettings(target=slow_server.target, heartbeat_s=60,
+                                    read_cache=False))
     async with serve_small_buffers(app) as (host, port), httpx.AsyncClient(
         base_url=f"http://{host}:{port}", timeout=5
     ) as http:
@@ -337,7 +340,9 @@ async def test_a_stalled_sse_client_is_pushed_back_on_not_buffered(
 async def test_a_stalled_sse_client_is_ended_and_can_resume(
     slow_server: RunningServer,
 ) -> None:
-    app = create_app(BridgeSettings(target=slow_server.target, heartbeat_s=0.1))
+    # No read cache: the service's only watcher is then the SSE stream's.
+    app = create_app(BridgeSettings(target=slow_server.target, heartbeat_s=0.1,
+                                    read_cache=False))
     async with serve_small_buffers(app) as (host, port), httpx.AsyncClient(
         base_url=f"http://{host}:{port}", timeout=5
     ) as http, stalled_client(host, port, "/v1:watch?start_revision=1") as client:

@@ -70,6 +70,11 @@ class LedgerStub:
                 request_serializer=casledger_dot_v1_dot_ledger__pb2.WatchRequest.SerializeToString,
                 response_deserializer=casledger_dot_v1_dot_ledger__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.GetRevision = channel.unary_unary(
+                '/casledger.v1.Ledger/GetRevision',
+                request_serializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionRequest.SerializeToString,
+                response_deserializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServicer:
@@ -125,6 +130,19 @@ class LedgerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevision(self, request, context):
+        """The ledger's latest committed revision: every write acknowledged before this call was made
+        has a revision at or below it. A reader that asks for it, then waits until it has seen every
+        version up to that revision (through Watch) and answers from what it has seen, gives a
+        linearizable read without reading the store: the "read index" (as etcd does it). The HTTP
+        bridge's read cache works this way. Needs the `read` scope over the whole ledger, as a Watch
+        of every resource does (a prefix-limited token is refused): the number tells how many writes
+        the whole ledger holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +180,11 @@ def add_LedgerServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=casledger_dot_v1_dot_ledger__pb2.WatchRequest.FromString,
                     response_serializer=casledger_dot_v1_dot_ledger__pb2.WatchEvent.SerializeToString,
+            ),
+            'GetRevision': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevision,
+                    request_deserializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionRequest.FromString,
+                    response_serializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +377,33 @@ class Ledger:
             '/casledger.v1.Ledger/Watch',
             casledger_dot_v1_dot_ledger__pb2.WatchRequest.SerializeToString,
             casledger_dot_v1_dot_ledger__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/casledger.v1.Ledger/GetRevision',
+            casledger_dot_v1_dot_ledger__pb2.GetRevisionRequest.SerializeToString,
+            casledger_dot_v1_dot_ledger__pb2.GetRevisionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,15 @@ class LedgerStub:
     """Lists every version of a resource, oldest first, tombstones included."""
     Watch: _grpc.UnaryStreamMultiCallable[_ledger_pb2.WatchRequest, _ledger_pb2.WatchEvent]
     """Replays the ledger from `start_revision` (inclusive), then streams live commits in order."""
+    GetRevision: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetRevisionRequest, _ledger_pb2.GetRevisionResponse]
+    """The ledger's latest committed revision: every write acknowledged before this call was made
+    has a revision at or below it. A reader that asks for it, then waits until it has seen every
+    version up to that revision (through Watch) and answers from what it has seen, gives a
+    linearizable read without reading the store: the "read index" (as etcd does it). The HTTP
+    bridge's read cache works this way. Needs the `read` scope over the whole ledger, as a Watch
+    of every resource does (a prefix-limited token is refused): the number tells how many writes
+    the whole ledger holds.
+    """
 
 @_typing.type_check_only
 class LedgerAsyncStub(LedgerStub):
@@ -73,6 +82,15 @@ class LedgerAsyncStub(LedgerStub):
     """Lists every version of a resource, oldest first, tombstones included."""
     Watch: _aio.UnaryStreamMultiCallable[_ledger_pb2.WatchRequest, _ledger_pb2.WatchEvent]  # type: ignore[assignment]
     """Replays the ledger from `start_revision` (inclusive), then streams live commits in order."""
+    GetRevision: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetRevisionRequest, _ledger_pb2.GetRevisionResponse]  # type: ignore[assignment]
+    """The ledger's latest committed revision: every write acknowledged before this call was made
+    has a revision at or below it. A reader that asks for it, then waits until it has seen every
+    version up to that revision (through Watch) and answers from what it has seen, gives a
+    linearizable read without reading the store: the "read index" (as etcd does it). The HTTP
+    bridge's read cache works this way. Needs the `read` scope over the whole ledger, as a Watch
+    of every resource does (a prefix-limited token is refused): the number tells how many writes
+    the whole ledger holds.
+    """
 
 class LedgerServicer(metaclass=_abc_1.ABCMeta):
     """The ledger service. Error reasons are listed in ARCHITECTURE.md ("Errors")."""
@@ -132,5 +150,20 @@ class LedgerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ledger_pb2.WatchEvent], _abc.AsyncIterator[_ledger_pb2.WatchEvent]]:
         """Replays the ledger from `start_revision` (inclusive), then streams live commits in order."""
+
+    @_abc_1.abstractmethod
+    def GetRevision(
+        self,
+        request: _ledger_pb2.GetRevisionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetRevisionResponse, _abc.Awaitable[_ledger_pb2.GetRevisionResponse]]:
+        """The ledger's latest committed revision: every write acknowledged before this call was made
+        has a revision at or below it. A reader that asks for it, then waits until it has seen every
+        version up to that revision (through Watch) and answers from what it has seen, gives a
+        linearizable read without reading the store: the "read index" (as etcd does it). The HTTP
+        bridge's read cache works this way. Needs the `read` scope over the whole ledger, as a Watch
+        of every resource does (a prefix-limited token is refused): the number tells how many writes
+        the whole ledger holds.
+        """
 
 def add_LedgerServicer_to_server(servicer: LedgerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
