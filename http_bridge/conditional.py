@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -91,7 +91,11 @@ def headers_from_pairs(pairs: Iterable[tuple[str, str]]) -> HeaderLookup:
 
 
 def _lookup(headers: Headers) -> HeaderLookup:
-    return headers if isinstance(headers, HeaderLookup) else _PairHeaders(headers)
+    # Duck-typed: isinstance() against a runtime-checkable Protocol inspects its members on
+    # every call, a measurable cost on every request.
+    if callable(getattr(headers, "getlist", None)):
+        return cast(HeaderLookup, headers)
+    return _PairHeaders(cast(Iterable[tuple[str, str]], headers))
 
 
 # --- entity-tags (§8.8.3) --------------------------------------------------------------------

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
+import uvloop
+
 from ..http_bridge.app import BridgeSettings
 from . import audit, auth, inspect, logs, migrate
 from .config import Settings, SettingsError, env_name, flag_name, load
@@ -69,10 +71,16 @@ _HELP = {
                      "default --tls-cert itself)",
     "target_tls_name": "the name to check in the service's certificate instead of the "
                        "target's host",
+    "read_cache": "answer GETs of current versions from a cache of heads kept by one Watch, "
+                  "linearizably (a read index: one GetRevision per batch of reads); "
+                  "--no-read-cache: every GET calls the service (default on)",
+    "read_cache_entries": "resource heads the read cache keeps at most (default 10000)",
+    "read_cache_bytes": "bytes the read cache keeps at most (default 67108864)",
 }
 # Bridge settings `serve` takes too (it derives `target` from its own gRPC port).
 _SERVE_BRIDGE_FIELDS = ("max_body_bytes", "call_timeout_s", "cors_allow_origins", "heartbeat_s",
-                        "http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name")
+                        "http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name",
+                        "read_cache", "read_cache_entries", "read_cache_bytes")
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls: type[Any],
@@ -82,7 +90,11 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type[Any],
             continue
         flag = flag_name(field.name)
         help_text = f"{_HELP[flag[2:].replace('-', '_')]} [env {env_name(field.name)}]"
-        if isinstance(field.default, bool):
+        if isinstance(field.default, bool) and field.default:
+            # On by default: --flag / --no-flag (the help names both).
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                dest=field.name, help=help_text)
+        elif isinstance(field.default, bool):
             parser.add_argument(flag, action="store_const", const=True, default=None,
                                 dest=field.name, help=help_text)
         elif isinstance(field.default, tuple):
@@ -270,7 +282,10 @@ def bridge_command(bridge: BridgeSettings, log_level: str, log_format: str = "au
                "--heartbeat-s", str(bridge.heartbeat_s), "--parent-pid", str(os.getpid()),
                "--log-level", log_level, "--log-format", log_format,
                "--max-in-flight", str(bridge.max_in_flight),
-               "--max-watchers", str(bridge.max_watchers)]
+               "--max-watchers", str(bridge.max_watchers),
+               "--read-cache" if bridge.read_cache else "--no-read-cache",
+               "--read-cache-entries", str(bridge.read_cache_entries),
+               "--read-cache-bytes", str(bridge.read_cache_bytes)]
     for origin in bridge.cors_allow_origins:
         command += ["--cors-allow-origin", origin]
     for name in ("http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name"):
@@ -350,8 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             coroutine = run_bridge(bridge, args.parent_pid)
     except SettingsError as exc:
         parser.error(str(exc))
+    # The bridge's HTTP server runs on uvloop (its transports are uvicorn's, written for it);
+    # the service stays on asyncio's loop: grpc.aio does its own I/O and gains nothing there.
+    loop_factory = uvloop.new_event_loop if args.command == "bridge" else None
     try:
-        return asyncio.run(coroutine)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(coroutine)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"casledger: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
