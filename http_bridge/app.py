@@ -69,6 +69,8 @@ class BridgeSettings:
     target_tls_name: str = ""
     # Linearizable reads from a cache of heads (README: "HTTP bridge"; readindex.py).
     read_cache: bool = True
+    # Single-resource calls to the service travel in Batch calls (README: "HTTP bridge").
+    batch_calls: bool = True
     read_cache_entries: int = 10_000
     read_cache_bytes: int = 64 << 20
 
@@ -536,7 +538,8 @@ def create_app(settings: BridgeSettings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         tls_ca, options = target_tls(settings.target_tls_ca, settings.target_tls_name)
         async with connect(settings.target, call_timeout=settings.call_timeout_s,
-                           tls_ca=tls_ca, options=options) as client:
+                           tls_ca=tls_ca, options=options,
+                           batching=settings.batch_calls) as client:
             if not settings.read_cache:
                 yield {"ledger": client, "settings": settings, "reads": None}
                 return

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from google.rpc import status_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +39,13 @@ def generate(out: Path) -> int:
         shutil.rmtree(generated)
     protos = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
+    # google/rpc/*.proto ship with googleapis-common-protos, beside their generated modules.
+    googleapis = Path(status_pb2.__file__).parents[2]
     args = [
         "grpc_tools.protoc",
         f"-I{PROTOS}",
         f"-I{include}",
+        f"-I{googleapis}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_out=quiet:{out}",

@@ -371,6 +371,11 @@ METHOD_ACCESS: dict[str, tuple[Scope, Callable[[Any], str]]] = {
 }
 
 
+# Methods that need only a valid token: each operation they carry is authorized under its own
+# method's rule above (Batch).
+PER_OPERATION = frozenset({"Batch"})
+
+
 def authorize(grant: Grant, method: str, request: Any | None) -> None:
     """Raise PermissionDenied unless `grant` may call `method` with `request` (None: the
     request did not parse, so only the scope is checked)."""

@@ -74,13 +74,16 @@ _HELP = {
     "read_cache": "answer GETs of current versions from a cache of heads kept by one Watch, "
                   "linearizably (a read index: one GetRevision per batch of reads); "
                   "--no-read-cache: every GET calls the service (default on)",
+    "batch_calls": "carry concurrent GET/PUT/PATCH/DELETE/POST calls to the service together "
+                   "in Batch calls (fewer gRPC calls, same answers); --no-batch-calls: one "
+                   "unary call per request (default on)",
     "read_cache_entries": "resource heads the read cache keeps at most (default 10000)",
     "read_cache_bytes": "bytes the read cache keeps at most (default 67108864)",
 }
 # Bridge settings `serve` takes too (it derives `target` from its own gRPC port).
 _SERVE_BRIDGE_FIELDS = ("max_body_bytes", "call_timeout_s", "cors_allow_origins", "heartbeat_s",
                         "http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name",
-                        "read_cache", "read_cache_entries", "read_cache_bytes")
+                        "read_cache", "read_cache_entries", "read_cache_bytes", "batch_calls")
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls: type[Any],
@@ -285,7 +288,8 @@ def bridge_command(bridge: BridgeSettings, log_level: str, log_format: str = "au
                "--max-watchers", str(bridge.max_watchers),
                "--read-cache" if bridge.read_cache else "--no-read-cache",
                "--read-cache-entries", str(bridge.read_cache_entries),
-               "--read-cache-bytes", str(bridge.read_cache_bytes)]
+               "--read-cache-bytes", str(bridge.read_cache_bytes),
+               "--batch-calls" if bridge.batch_calls else "--no-batch-calls"]
     for origin in bridge.cors_allow_origins:
         command += ["--cors-allow-origin", origin]
     for name in ("http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -71,15 +71,29 @@ class LedgerCallError(Exception):
     @classmethod
     def from_status(cls, code: grpc.StatusCode, details: str | None,
                     trailing: Any) -> LedgerCallError:
-        reason, metadata = "", {}
         for key, value in trailing or ():
             if key == _DETAILS_KEY and isinstance(value, bytes):
-                status = status_pb2.Status.FromString(value)
-                for detail in status.details:
-                    info = error_details_pb2.ErrorInfo()
-                    if detail.Unpack(info):
-                        reason, metadata = info.reason, dict(info.metadata)
-        return cls(code, details or "", reason, metadata)
+                reason, metadata = _error_info(status_pb2.Status.FromString(value))
+                return cls(code, details or "", reason, metadata)
+        return cls(code, details or "")
+
+    @classmethod
+    def from_status_message(cls, status: status_pb2.Status) -> LedgerCallError:
+        """The error of a google.rpc.Status (a Batch result), as its unary call raises it."""
+        code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+        return cls(code, status.message, *_error_info(status))
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _error_info(status: status_pb2.Status) -> tuple[str, dict[str, str]]:
+    reason, metadata = "", {}
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+    return reason, metadata
 
 
 def precondition(*, etag: str | None = None, version: int | None = None,
@@ -130,6 +144,20 @@ class LedgerClient:
             raise LedgerCallError.from_rpc_error(error) from None
         assert isinstance(response, returns)
         return response
+
+    async def batch(self, operations: Sequence[pb.BatchOperation]
+                    ) -> list[pb.Resource | LedgerCallError]:
+        """Many single-resource calls in one Batch call (independent, as if made at once): for
+        each operation, in order, its Resource or the error its unary call would have raised
+        (returned, not raised). Raises only when the Batch call itself fails."""
+        reply = await self._call("Batch", pb.BatchRequest(operations=operations),
+                                 pb.BatchResponse)
+        return [result.resource if result.HasField("resource")
+                else LedgerCallError.from_status_message(result.status)
+                for result in reply.results]
+
+    async def aclose(self) -> None:
+        """Finish what is in flight before the channel closes (nothing to do here)."""
 
     async def get(self, name: str, version: int = 0) -> pb.Resource:
         request = pb.GetResourceRequest(name=name, version=version)
@@ -253,14 +281,25 @@ class LedgerClient:
 @asynccontextmanager
 async def connect(target: str = DEFAULT_TARGET, *, call_timeout: float = DEFAULT_TIMEOUT_S,
                   options: list[tuple[str, Any]] | None = None,
-                  tls_ca: bytes | None = None) -> AsyncIterator[LedgerClient]:
+                  tls_ca: bytes | None = None,
+                  batching: bool = False) -> AsyncIterator[LedgerClient]:
     """A client on a new channel to `target`; the channel closes when the block ends. With
-    `tls_ca` (PEM root certificates) the channel is TLS, verifying the service against them."""
+    `tls_ca` (PEM root certificates) the channel is TLS, verifying the service against them.
+    With `batching`, concurrent single-resource calls travel together in Batch calls
+    (:class:`casledger.service.batching.BatchingClient`)."""
     all_options = [("grpc.max_receive_message_length", 256 << 20), *(options or [])]
     channel = (grpc.aio.insecure_channel(target, options=all_options) if tls_ca is None else
                grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(tls_ca),
                                        options=all_options))
+    client: LedgerClient
+    if batching:
+        from .batching import BatchingClient
+
+        client = BatchingClient(channel, call_timeout=call_timeout)
+    else:
+        client = LedgerClient(channel, call_timeout=call_timeout)
     try:
-        yield LedgerClient(channel, call_timeout=call_timeout)
+        yield client
     finally:
+        await client.aclose()
         await channel.close()

@@ -52,6 +52,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.unary = Gate(max_in_flight)
         self.streams = Gate(max_watchers)
 
+    def record(self, rpc: str, code: grpc.StatusCode, reason: str, duration: float, peer: str,
+               request_id: str) -> None:
+        """Count a call (or one operation of a Batch) and write its access-log line."""
+        self.metrics.observe(rpc, code.name, reason, duration)
+        level = logging.ERROR if code in _SERVER_FAULTS else logging.INFO
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "%s %s", rpc, code.name, extra={
+                "rpc": rpc, "code": code.name, "reason": reason or None,
+                "duration_ms": round(duration * 1000, 3), "peer": peer or None,
+                "request_id": request_id})
+
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: Any) -> Any:
         handler = await continuation(details)
@@ -162,13 +173,8 @@ class _Call:
         self.finished = True
         if self.slot is not None:
             self.slot.leave()
-        duration = time.perf_counter() - self.started
-        self.interceptor.metrics.observe(self.rpc, code.name, reason, duration)
-        level = logging.ERROR if code in _SERVER_FAULTS else logging.INFO
-        access_log.log(level, "%s %s", self.rpc, code.name, extra={
-            "rpc": self.rpc, "code": code.name, "reason": reason or None,
-            "duration_ms": round(duration * 1000, 3), "peer": self.peer or None,
-            "request_id": self.request_id})
+        self.interceptor.record(self.rpc, code, reason, time.perf_counter() - self.started,
+                                self.peer, self.request_id)
 
 
 class _ObservedContext:

@@ -17,18 +17,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .api.casledger.v1 import ledger_pb2 as pb
 from .auth import TokenFile
 from .config import Settings
 from .interceptor import CallInterceptor
 from .limits import backstop
 from .metrics import MetricsServer, ServiceMetrics
-from .servicer import LedgerServicer, add_to_server
+from .servicer import SERVICE_NAME, LedgerServicer, add_to_server
 from .storage import Store, open_store
 
 log = logging.getLogger("casledger.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ledger"].full_name
 # Room for the largest content or patch plus the rest of the request.
 MESSAGE_OVERHEAD = 64 * 1024
 
@@ -100,7 +98,7 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
             # A backstop only: the interceptor refuses first, with ErrorInfo OVERLOADED.
             maximum_concurrent_rpcs=backstop(settings.max_in_flight, settings.max_watchers))
         add_to_server(LedgerServicer(store, max_content_bytes=settings.max_content_bytes,
-                                     tokens=tokens), server)
+                                     tokens=tokens, observe=calls.record), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -7,7 +7,9 @@ comes from :data:`GRPC_CODES`, the one table for this boundary.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -19,7 +21,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from . import auth, errors, model
+from . import auth, errors, logs, model
 from . import content as content_rules
 from . import patch as patch_rules
 from .api.casledger.v1 import ledger_pb2 as pb
@@ -67,6 +69,13 @@ def grpc_code(error: errors.LedgerError) -> grpc.StatusCode:
 # The status travels in trailers, and clients refuse metadata past 8-16 KiB (the call then fails
 # with RESOURCE_EXHAUSTED and no ErrorInfo): what an error quotes of its input is cut short.
 MAX_MESSAGE_BYTES = 1000
+MAX_BATCH_OPERATIONS = 256
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ledger"].full_name
+# rpc, code, ErrorInfo reason, seconds, peer, request id: how a Batch operation is recorded.
+Observe = Callable[[str, grpc.StatusCode, str, float, str, str], None]
+# The unary method each BatchOperation field holds.
+BATCH_METHODS = {"get": "GetResource", "create": "CreateResource", "update": "UpdateResource",
+                 "delete": "DeleteResource"}
 MAX_METADATA_VALUE_BYTES = 600
 
 
@@ -80,16 +89,20 @@ def bounded(text: str, limit: int) -> str:
 
 def to_status(error: errors.LedgerError) -> grpc.Status:
     """The gRPC status of a domain error, ErrorInfo in its details."""
+    return rpc_status.to_status(status_message(error))
+
+
+def status_message(error: errors.LedgerError) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error (what a Batch result carries)."""
     metadata = {key: bounded(value, MAX_METADATA_VALUE_BYTES)
                 for key, value in error.metadata().items()}
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     code = grpc_code(error)
-    status = status_pb2.Status(code=code.value[0], message=bounded(error.message,
-                                                                   MAX_MESSAGE_BYTES),
-                               details=[detail])
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=code.value[0], message=bounded(error.message,
+                                                                 MAX_MESSAGE_BYTES),
+                             details=[detail])
 
 
 def timestamp(us: int) -> timestamp_pb2.Timestamp:
@@ -228,6 +241,7 @@ def _unary(
 
     handler.__name__ = method.__name__
     handler.__doc__ = method.__doc__
+    handler.__wrapped__ = method  # type: ignore[attr-defined]  # what Batch runs per operation
     return handler
 
 
@@ -235,10 +249,12 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     """The `casledger.v1.Ledger` service over a :class:`~casledger.service.storage.Store`."""
 
     def __init__(self, store: Store, *, max_content_bytes: int,
-                 tokens: auth.TokenFile | None = None) -> None:
+                 tokens: auth.TokenFile | None = None, observe: Observe | None = None) -> None:
         self._store = store
         self._limit = max_content_bytes
         self._tokens = tokens
+        # Counts and logs each operation of a Batch as its own call (the interceptor's record).
+        self._observe = observe
 
     def _actor(self, context: grpc.aio.ServicerContext) -> str:
         return _principal.get()
@@ -366,6 +382,54 @@ class LedgerServicer(pb_grpc.LedgerServicer):
                           context: grpc.aio.ServicerContext) -> pb.GetRevisionResponse:
         return pb.GetRevisionResponse(revision=await self._store.current_revision())
 
+    async def Batch(self, request: pb.BatchRequest,
+                    context: grpc.aio.ServicerContext) -> pb.BatchResponse:
+        """Each operation as its own unary call, all at once (see the proto)."""
+        try:
+            grant = (None if self._tokens is None
+                     else self._tokens.authenticate(context.invocation_metadata()))
+            check_request(request)
+            if len(request.operations) > MAX_BATCH_OPERATIONS:
+                raise errors.InvalidArgument(
+                    f"a Batch holds at most {MAX_BATCH_OPERATIONS} operations, not "
+                    f"{len(request.operations)}", field="operations")
+        except errors.LedgerError as error:
+            await context.abort_with_status(to_status(error))
+            raise AssertionError("abort_with_status returns only by raising") from error
+        results = await asyncio.gather(*(self._operation(operation, grant, context)
+                                         for operation in request.operations))
+        return pb.BatchResponse(results=results)
+
+    async def _operation(self, operation: pb.BatchOperation, grant: auth.Grant | None,
+                         context: grpc.aio.ServicerContext) -> pb.BatchResult:
+        started = time.perf_counter()
+        which = operation.WhichOneof("operation")
+        method = BATCH_METHODS.get(which or "", "Batch")
+        # A task of its own (gather): what is set here is this operation's alone.
+        call_id = logs.accept_request_id(operation.call_id)
+        logs.request_id.set(call_id)
+        code, reason = grpc.StatusCode.OK, ""
+        try:
+            if which is None:
+                raise errors.InvalidArgument("a Batch operation holds no call",
+                                             field="operations.operation")
+            request = getattr(operation, which)
+            if grant is not None:
+                auth.authorize(grant, method, request)
+            _principal.set(model.ANONYMOUS if grant is None else grant.principal)
+            run = getattr(LedgerServicer, method).__wrapped__
+            return pb.BatchResult(resource=await run(self, request, context))
+        except errors.LedgerError as error:
+            code, reason = grpc_code(error), error.reason
+            return pb.BatchResult(status=status_message(error))
+        except BaseException:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(f"{SERVICE_NAME}/{method}", code, reason,
+                              time.perf_counter() - started, _peer(context), call_id)
+
     async def Watch(self, request: pb.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
         try:
@@ -387,6 +451,11 @@ class LedgerServicer(pb_grpc.LedgerServicer):
                 yield pb.WatchEvent(type=_event_type(version), resource=to_resource(version))
         except errors.LedgerError as error:
             await context.abort_with_status(to_status(error))
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    peer = context.peer()
+    return peer if isinstance(peer, str) else ""
 
 
 def _event_type(version: model.Version) -> Any:

@@ -93,6 +93,7 @@ CALLS: dict[str, Call] = {
     "ListVersions": lambda c: c.versions("documents/d1"),
     "Watch": lambda c: watch_first(c, "documents"),
     "GetRevision": lambda c: c.revision(),
+    "Batch": lambda c: c.batch([pb.BatchOperation(get=pb.GetResourceRequest(name="documents/d1"))]),
     "CreateResource": lambda c: c.create("documents", b"{}", resource_id="d2"),
     "UpdateResource": lambda c: c.replace("documents/d1", b"{}", precondition=PRE),
     "DeleteResource": lambda c: c.delete("documents/d1", precondition=PRE),

@@ -91,8 +91,10 @@ async def cached(bridge: httpx.AsyncClient) -> httpx.AsyncClient:
 @pytest.fixture
 async def plain(server: RunningServer, make_bridge: BridgeFactory
                 ) -> AsyncIterator[httpx.AsyncClient]:
-    """A bridge without the read cache, in front of the same service."""
-    async with make_bridge(BridgeSettings(target=server.target, read_cache=False)) as http:
+    """A bridge without the read cache (and one unary call per request), in front of the same
+    service."""
+    async with make_bridge(BridgeSettings(target=server.target, read_cache=False,
+                                          batch_calls=False)) as http:
         yield http
 
 

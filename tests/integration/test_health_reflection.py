@@ -95,6 +95,7 @@ async def test_reflection_describes_the_ledger(channel: grpc.aio.Channel) -> Non
         "Watch": (".casledger.v1.WatchRequest", ".casledger.v1.WatchEvent", True),
         "GetRevision": (".casledger.v1.GetRevisionRequest", ".casledger.v1.GetRevisionResponse",
                         False),
+        "Batch": (".casledger.v1.BatchRequest", ".casledger.v1.BatchResponse", False),
     }
     messages = {m.name for m in ledger_file.message_type}
     assert {"Resource", "Precondition", "WatchEvent", "UpdateResourceRequest"} <= messages

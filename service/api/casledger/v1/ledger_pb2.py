@@ -23,49 +23,58 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61sledger/v1/ledger.proto\x12\x0c\x63\x61sledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x02\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64\x65leted\x18\x08 \x01(\x08\x12\x0c\n\x04\x65tag\x18\t \x01(\t\x12\r\n\x05\x61\x63tor\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0c\n\x04hash\x18\x0c \x01(\t\x12\x15\n\rprevious_hash\x18\r \x01(\t\x12\x1c\n\x14ledger_previous_hash\x18\x0e \x01(\t\x12\x12\n\nsize_bytes\x18\x0f \x01(\x03\"\x88\x01\n\x0cPrecondition\x12\x0e\n\x04\x65tag\x18\x01 \x01(\tH\x00\x12\x11\n\x07version\x18\x02 \x01(\x03H\x00\x12\x10\n\x06\x65xists\x18\x03 \x01(\x08H\x00\x12\x36\n\x10unmodified_since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x42\x0b\n\tcondition\"3\n\x12GetResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"M\n\x14ListResourcesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x15ListResourcesResponse\x12)\n\tresources\x18\x01 \x03(\x0b\x32\x16.casledger.v1.Resource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x15\x43reateResourceRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"5\n\x0fResourceContent\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"-\n\x05Patch\x12\x12\n\nmedia_type\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\x0c\"\xdd\x01\n\x15UpdateResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1d.casledger.v1.ResourceContentH\x00\x12$\n\x05patch\x18\x03 \x01(\x0b\x32\x13.casledger.v1.PatchH\x00\x12\x30\n\x0cprecondition\x18\x04 \x01(\x0b\x32\x1a.casledger.v1.Precondition\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06\x63hange\"{\n\x15\x44\x65leteResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x0cprecondition\x18\x02 \x01(\x0b\x32\x1a.casledger.v1.Precondition\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"c\n\x13ListVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_content\x18\x04 \x01(\x08\"Y\n\x14ListVersionsResponse\x12(\n\x08versions\x18\x01 \x03(\x0b\x32\x16.casledger.v1.Resource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"\xa8\x01\n\nWatchEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.casledger.v1.WatchEvent.Type\x12(\n\x08resource\x18\x02 \x01(\x0b\x32\x16.casledger.v1.Resource\"C\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\"\x14\n\x12GetRevisionRequest\"\'\n\x13GetRevisionResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x32\x84\x05\n\x06Ledger\x12G\n\x0bGetResource\x12 .casledger.v1.GetResourceRequest\x1a\x16.casledger.v1.Resource\x12X\n\rListResources\x12\".casledger.v1.ListResourcesRequest\x1a#.casledger.v1.ListResourcesResponse\x12M\n\x0e\x43reateResource\x12#.casledger.v1.CreateResourceRequest\x1a\x16.casledger.v1.Resource\x12M\n\x0eUpdateResource\x12#.casledger.v1.UpdateResourceRequest\x1a\x16.casledger.v1.Resource\x12M\n\x0e\x44\x65leteResource\x12#.casledger.v1.DeleteResourceRequest\x1a\x16.casledger.v1.Resource\x12U\n\x0cListVersions\x12!.casledger.v1.ListVersionsRequest\x1a\".casledger.v1.ListVersionsResponse\x12?\n\x05Watch\x12\x1a.casledger.v1.WatchRequest\x1a\x18.casledger.v1.WatchEvent0\x01\x12R\n\x0bGetRevision\x12 .casledger.v1.GetRevisionRequest\x1a!.casledger.v1.GetRevisionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61sledger/v1/ledger.proto\x12\x0c\x63\x61sledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xd9\x02\n\x08Resource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x64\x65leted\x18\x08 \x01(\x08\x12\x0c\n\x04\x65tag\x18\t \x01(\t\x12\r\n\x05\x61\x63tor\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0c\n\x04hash\x18\x0c \x01(\t\x12\x15\n\rprevious_hash\x18\r \x01(\t\x12\x1c\n\x14ledger_previous_hash\x18\x0e \x01(\t\x12\x12\n\nsize_bytes\x18\x0f \x01(\x03\"\x88\x01\n\x0cPrecondition\x12\x0e\n\x04\x65tag\x18\x01 \x01(\tH\x00\x12\x11\n\x07version\x18\x02 \x01(\x03H\x00\x12\x10\n\x06\x65xists\x18\x03 \x01(\x08H\x00\x12\x36\n\x10unmodified_since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x42\x0b\n\tcondition\"3\n\x12GetResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"M\n\x14ListResourcesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x15ListResourcesResponse\x12)\n\tresources\x18\x01 \x03(\x0b\x32\x16.casledger.v1.Resource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x15\x43reateResourceRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"5\n\x0fResourceContent\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"-\n\x05Patch\x12\x12\n\nmedia_type\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\x0c\"\xdd\x01\n\x15UpdateResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1d.casledger.v1.ResourceContentH\x00\x12$\n\x05patch\x18\x03 \x01(\x0b\x32\x13.casledger.v1.PatchH\x00\x12\x30\n\x0cprecondition\x18\x04 \x01(\x0b\x32\x1a.casledger.v1.Precondition\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06\x63hange\"{\n\x15\x44\x65leteResourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x0cprecondition\x18\x02 \x01(\x0b\x32\x1a.casledger.v1.Precondition\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"c\n\x13ListVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_content\x18\x04 \x01(\x08\"Y\n\x14ListVersionsResponse\x12(\n\x08versions\x18\x01 \x03(\x0b\x32\x16.casledger.v1.Resource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"\xa8\x01\n\nWatchEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.casledger.v1.WatchEvent.Type\x12(\n\x08resource\x18\x02 \x01(\x0b\x32\x16.casledger.v1.Resource\"C\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\"\x14\n\x12GetRevisionRequest\"\'\n\x13GetRevisionResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"@\n\x0c\x42\x61tchRequest\x12\x30\n\noperations\x18\x01 \x03(\x0b\x32\x1c.casledger.v1.BatchOperation\"\x84\x02\n\x0e\x42\x61tchOperation\x12/\n\x03get\x18\x01 \x01(\x0b\x32 .casledger.v1.GetResourceRequestH\x00\x12\x35\n\x06\x63reate\x18\x02 \x01(\x0b\x32#.casledger.v1.CreateResourceRequestH\x00\x12\x35\n\x06update\x18\x03 \x01(\x0b\x32#.casledger.v1.UpdateResourceRequestH\x00\x12\x35\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32#.casledger.v1.DeleteResourceRequestH\x00\x12\x0f\n\x07\x63\x61ll_id\x18\n \x01(\tB\x0b\n\toperation\";\n\rBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.casledger.v1.BatchResult\"i\n\x0b\x42\x61tchResult\x12*\n\x08resource\x18\x01 \x01(\x0b\x32\x16.casledger.v1.ResourceH\x00\x12$\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result2\xc6\x05\n\x06Ledger\x12G\n\x0bGetResource\x12 .casledger.v1.GetResourceRequest\x1a\x16.casledger.v1.Resource\x12X\n\rListResources\x12\".casledger.v1.ListResourcesRequest\x1a#.casledger.v1.ListResourcesResponse\x12M\n\x0e\x43reateResource\x12#.casledger.v1.CreateResourceRequest\x1a\x16.casledger.v1.Resource\x12M\n\x0eUpdateResource\x12#.casledger.v1.UpdateResourceRequest\x1a\x16.casledger.v1.Resource\x12M\n\x0e\x44\x65leteResource\x12#.casledger.v1.DeleteResourceRequest\x1a\x16.casledger.v1.Resource\x12U\n\x0cListVersions\x12!.casledger.v1.ListVersionsRequest\x1a\".casledger.v1.ListVersionsResponse\x12?\n\x05Watch\x12\x1a.casledger.v1.WatchRequest\x1a\x18.casledger.v1.WatchEvent0\x01\x12R\n\x0bGetRevision\x12 .casledger.v1.GetRevisionRequest\x1a!.casledger.v1.GetRevisionResponse\x12@\n\x05\x42\x61tch\x12\x1a.casledger.v1.BatchRequest\x1a\x1b.casledger.v1.BatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'casledger.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESOURCE']._serialized_start=77
-  _globals['_RESOURCE']._serialized_end=422
-  _globals['_PRECONDITION']._serialized_start=425
-  _globals['_PRECONDITION']._serialized_end=561
-  _globals['_GETRESOURCEREQUEST']._serialized_start=563
-  _globals['_GETRESOURCEREQUEST']._serialized_end=614
-  _globals['_LISTRESOURCESREQUEST']._serialized_start=616
-  _globals['_LISTRESOURCESREQUEST']._serialized_end=693
-  _globals['_LISTRESOURCESRESPONSE']._serialized_start=695
-  _globals['_LISTRESOURCESRESPONSE']._serialized_end=786
-  _globals['_CREATERESOURCEREQUEST']._serialized_start=789
-  _globals['_CREATERESOURCEREQUEST']._serialized_end=924
-  _globals['_RESOURCECONTENT']._serialized_start=926
-  _globals['_RESOURCECONTENT']._serialized_end=979
-  _globals['_PATCH']._serialized_start=981
-  _globals['_PATCH']._serialized_end=1026
-  _globals['_UPDATERESOURCEREQUEST']._serialized_start=1029
-  _globals['_UPDATERESOURCEREQUEST']._serialized_end=1250
-  _globals['_DELETERESOURCEREQUEST']._serialized_start=1252
-  _globals['_DELETERESOURCEREQUEST']._serialized_end=1375
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1377
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1476
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1478
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1567
-  _globals['_WATCHREQUEST']._serialized_start=1569
-  _globals['_WATCHREQUEST']._serialized_end=1623
-  _globals['_WATCHEVENT']._serialized_start=1626
-  _globals['_WATCHEVENT']._serialized_end=1794
-  _globals['_WATCHEVENT_TYPE']._serialized_start=1727
-  _globals['_WATCHEVENT_TYPE']._serialized_end=1794
-  _globals['_GETREVISIONREQUEST']._serialized_start=1796
-  _globals['_GETREVISIONREQUEST']._serialized_end=1816
-  _globals['_GETREVISIONRESPONSE']._serialized_start=1818
-  _globals['_GETREVISIONRESPONSE']._serialized_end=1857
-  _globals['_LEDGER']._serialized_start=1860
-  _globals['_LEDGER']._serialized_end=2504
+  _globals['_RESOURCE']._serialized_start=102
+  _globals['_RESOURCE']._serialized_end=447
+  _globals['_PRECONDITION']._serialized_start=450
+  _globals['_PRECONDITION']._serialized_end=586
+  _globals['_GETRESOURCEREQUEST']._serialized_start=588
+  _globals['_GETRESOURCEREQUEST']._serialized_end=639
+  _globals['_LISTRESOURCESREQUEST']._serialized_start=641
+  _globals['_LISTRESOURCESREQUEST']._serialized_end=718
+  _globals['_LISTRESOURCESRESPONSE']._serialized_start=720
+  _globals['_LISTRESOURCESRESPONSE']._serialized_end=811
+  _globals['_CREATERESOURCEREQUEST']._serialized_start=814
+  _globals['_CREATERESOURCEREQUEST']._serialized_end=949
+  _globals['_RESOURCECONTENT']._serialized_start=951
+  _globals['_RESOURCECONTENT']._serialized_end=1004
+  _globals['_PATCH']._serialized_start=1006
+  _globals['_PATCH']._serialized_end=1051
+  _globals['_UPDATERESOURCEREQUEST']._serialized_start=1054
+  _globals['_UPDATERESOURCEREQUEST']._serialized_end=1275
+  _globals['_DELETERESOURCEREQUEST']._serialized_start=1277
+  _globals['_DELETERESOURCEREQUEST']._serialized_end=1400
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1402
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1501
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1503
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1592
+  _globals['_WATCHREQUEST']._serialized_start=1594
+  _globals['_WATCHREQUEST']._serialized_end=1648
+  _globals['_WATCHEVENT']._serialized_start=1651
+  _globals['_WATCHEVENT']._serialized_end=1819
+  _globals['_WATCHEVENT_TYPE']._serialized_start=1752
+  _globals['_WATCHEVENT_TYPE']._serialized_end=1819
+  _globals['_GETREVISIONREQUEST']._serialized_start=1821
+  _globals['_GETREVISIONREQUEST']._serialized_end=1841
+  _globals['_GETREVISIONRESPONSE']._serialized_start=1843
+  _globals['_GETREVISIONRESPONSE']._serialized_end=1882
+  _globals['_BATCHREQUEST']._serialized_start=1884
+  _globals['_BATCHREQUEST']._serialized_end=1948
+  _globals['_BATCHOPERATION']._serialized_start=1951
+  _globals['_BATCHOPERATION']._serialized_end=2211
+  _globals['_BATCHRESPONSE']._serialized_start=2213
+  _globals['_BATCHRESPONSE']._serialized_end=2272
+  _globals['_BATCHRESULT']._serialized_start=2274
+  _globals['_BATCHRESULT']._serialized_end=2379
+  _globals['_LEDGER']._serialized_start=2382
+  _globals['_LEDGER']._serialized_end=3092
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,11 @@ class LedgerStub:
                 request_serializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionRequest.SerializeToString,
                 response_deserializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionResponse.FromString,
                 _registered_method=True)
+        self.Batch = channel.unary_unary(
+                '/casledger.v1.Ledger/Batch',
+                request_serializer=casledger_dot_v1_dot_ledger__pb2.BatchRequest.SerializeToString,
+                response_deserializer=casledger_dot_v1_dot_ledger__pb2.BatchResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServicer:
@@ -143,6 +148,18 @@ class LedgerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Batch(self, request, context):
+        """Many single-resource calls in one round trip: each operation is exactly the unary call it
+        holds (same checks, same access rules with this call's credentials, same outcome), run as if
+        all were made at the same moment: independent, in no particular order, not a transaction.
+        Each result is the Resource or the google.rpc.Status (ErrorInfo in its details) that unary
+        call would have answered. The HTTP bridge carries its requests this way. At most 256
+        operations; the call itself fails only when it cannot be taken at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +202,11 @@ def add_LedgerServicer_to_server(servicer, server):
                     servicer.GetRevision,
                     request_deserializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionRequest.FromString,
                     response_serializer=casledger_dot_v1_dot_ledger__pb2.GetRevisionResponse.SerializeToString,
+            ),
+            'Batch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Batch,
+                    request_deserializer=casledger_dot_v1_dot_ledger__pb2.BatchRequest.FromString,
+                    response_serializer=casledger_dot_v1_dot_ledger__pb2.BatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +426,33 @@ class Ledger:
             '/casledger.v1.Ledger/GetRevision',
             casledger_dot_v1_dot_ledger__pb2.GetRevisionRequest.SerializeToString,
             casledger_dot_v1_dot_ledger__pb2.GetRevisionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Batch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/casledger.v1.Ledger/Batch',
+            casledger_dot_v1_dot_ledger__pb2.BatchRequest.SerializeToString,
+            casledger_dot_v1_dot_ledger__pb2.BatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,14 @@ class LedgerStub:
     of every resource does (a prefix-limited token is refused): the number tells how many writes
     the whole ledger holds.
     """
+    Batch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.BatchRequest, _ledger_pb2.BatchResponse]
+    """Many single-resource calls in one round trip: each operation is exactly the unary call it
+    holds (same checks, same access rules with this call's credentials, same outcome), run as if
+    all were made at the same moment: independent, in no particular order, not a transaction.
+    Each result is the Resource or the google.rpc.Status (ErrorInfo in its details) that unary
+    call would have answered. The HTTP bridge carries its requests this way. At most 256
+    operations; the call itself fails only when it cannot be taken at all.
+    """
 
 @_typing.type_check_only
 class LedgerAsyncStub(LedgerStub):
@@ -90,6 +98,14 @@ class LedgerAsyncStub(LedgerStub):
     bridge's read cache works this way. Needs the `read` scope over the whole ledger, as a Watch
     of every resource does (a prefix-limited token is refused): the number tells how many writes
     the whole ledger holds.
+    """
+    Batch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.BatchRequest, _ledger_pb2.BatchResponse]  # type: ignore[assignment]
+    """Many single-resource calls in one round trip: each operation is exactly the unary call it
+    holds (same checks, same access rules with this call's credentials, same outcome), run as if
+    all were made at the same moment: independent, in no particular order, not a transaction.
+    Each result is the Resource or the google.rpc.Status (ErrorInfo in its details) that unary
+    call would have answered. The HTTP bridge carries its requests this way. At most 256
+    operations; the call itself fails only when it cannot be taken at all.
     """
 
 class LedgerServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +180,20 @@ class LedgerServicer(metaclass=_abc_1.ABCMeta):
         bridge's read cache works this way. Needs the `read` scope over the whole ledger, as a Watch
         of every resource does (a prefix-limited token is refused): the number tells how many writes
         the whole ledger holds.
+        """
+
+    @_abc_1.abstractmethod
+    def Batch(
+        self,
+        request: _ledger_pb2.BatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.BatchResponse, _abc.Awaitable[_ledger_pb2.BatchResponse]]:
+        """Many single-resource calls in one round trip: each operation is exactly the unary call it
+        holds (same checks, same access rules with this call's credentials, same outcome), run as if
+        all were made at the same moment: independent, in no particular order, not a transaction.
+        Each result is the Resource or the google.rpc.Status (ErrorInfo in its details) that unary
+        call would have answered. The HTTP bridge carries its requests this way. At most 256
+        operations; the call itself fails only when it cannot be taken at all.
         """
 
 def add_LedgerServicer_to_server(servicer: LedgerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
