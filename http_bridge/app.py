@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
@@ -31,6 +31,7 @@ from casledger.service.limits import Gate
 
 from . import conditional, sse
 from .errors import Problem, bad_request, from_call_error, problem
+from .jsonio import FastJSONResponse
 from .metrics import BridgeMetrics
 from .middleware import LoadShedder, RequestObserver
 from .openapi import openapi_document
@@ -375,7 +376,7 @@ async def list_collection(request: Request, parent: str) -> Response:
     page = await ledger(request).list(
         parent, page_size=int_param(request, "page_size", maximum=1000),
         page_token=request.query_params.get("page_token", ""))
-    return JSONResponse({"resources": [resource_view(r) for r in page.resources],
+    return FastJSONResponse({"resources": [resource_view(r) for r in page.resources],
                          "next_page_token": page.next_page_token})
 
 
@@ -393,7 +394,7 @@ async def history(request: Request, name: str) -> Response:
     page = await ledger(request).versions(
         name, page_size=int_param(request, "page_size", maximum=1000),
         page_token=request.query_params.get("page_token", ""), include_content=include)
-    return JSONResponse({"versions": [resource_view(v, content=include) for v in page.versions],
+    return FastJSONResponse({"versions": [resource_view(v, content=include) for v in page.versions],
                          "next_page_token": page.next_page_token})
 
 
@@ -483,7 +484,7 @@ async def watch_all(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return FastJSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
@@ -495,13 +496,13 @@ async def readyz(request: Request) -> Response:
     except Exception:  # any failure to get an answer means "not ready"
         serving = False
     if serving:
-        return JSONResponse({"status": "ready"})
+        return FastJSONResponse({"status": "ready"})
     return problem(503, "Service unavailable", "the ledger service is not reachable or not "
                    "serving", reason="SERVICE_UNAVAILABLE")
 
 
 async def openapi(request: Request) -> Response:
-    return JSONResponse(openapi_document())
+    return FastJSONResponse(openapi_document())
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

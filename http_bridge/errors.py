@@ -15,6 +15,8 @@ from starlette.responses import JSONResponse, Response
 
 from casledger.service.client import LedgerCallError
 
+from .jsonio import FastJSONResponse
+
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://casledger.dev/problems/"
 RETRY_AFTER_S = 1
@@ -84,7 +86,8 @@ def problem(status: int, title: str, detail: str, *, reason: str,
         all_headers.setdefault("Retry-After", str(RETRY_AFTER_S))
     if status == 401:
         all_headers.setdefault("WWW-Authenticate", 'Bearer realm="casledger"')
-    return JSONResponse(body, status_code=status, headers=all_headers, media_type=PROBLEM_JSON)
+    return FastJSONResponse(body, status_code=status, headers=all_headers,
+                            media_type=PROBLEM_JSON)
 
 
 def status_of(error: LedgerCallError) -> tuple[int, str]:

@@ -33,6 +33,7 @@ from starlette.types import Send
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.client import LedgerCallError, LedgerClient, WatchStream
 
+from . import jsonio
 from .errors import bad_request, problem_type, status_of
 from .views import resource_view
 
@@ -72,7 +73,7 @@ def _is_revision(raw: str, *, below: int) -> bool:
 
 
 def format_event(event: pb.WatchEvent) -> str:
-    data = json.dumps(resource_view(event.resource), separators=(",", ":"))
+    data = jsonio.dumps(resource_view(event.resource)).decode()
     return (f"id: {event.resource.revision}\nevent: {EVENT_NAMES.get(event.type, 'updated')}\n"
             f"data: {data}\n\n")
 
