@@ -70,6 +70,9 @@ def grpc_code(error: errors.LedgerError) -> grpc.StatusCode:
 # with RESOURCE_EXHAUSTED and no ErrorInfo): what an error quotes of its input is cut short.
 MAX_MESSAGE_BYTES = 1000
 MAX_BATCH_OPERATIONS = 256
+WRITE_KINDS = {"CreateResource": model.WriteKind.CREATE, "UpdateResource": model.WriteKind.UPDATE,
+               "DeleteResource": model.WriteKind.DELETE}
+WriteRequest = pb.CreateResourceRequest | pb.UpdateResourceRequest | pb.DeleteResourceRequest
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ledger"].full_name
 # rpc, code, ErrorInfo reason, seconds, peer, request id: how a Batch operation is recorded.
 Observe = Callable[[str, grpc.StatusCode, str, float, str, str], None]
@@ -304,14 +307,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         content_type = content_rules.validate_content(
             request.content, request.content_type, limit=self._limit
         )
-        write = model.Write(
-            kind=model.WriteKind.CREATE, name=name, content=request.content,
-            content_type=content_type, actor=self._actor(context),
-            reason=model.validate_reason(request.reason),
-            request_id=model.validate_request_id(request.request_id), request_scope=scope,
-            fingerprint=fingerprint("CreateResource", request),
-        )
-        return to_resource(await self._store.write(write))
+        return await self._write("CreateResource", request, context, name=name, scope=scope,
+                                 content=request.content, content_type=content_type)
 
     @_unary
     async def UpdateResource(self, request: pb.UpdateResourceRequest,
@@ -330,13 +327,20 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             raise errors.InvalidArgument(
                 "set either content (a whole new content) or patch", field="change"
             )
+        return await self._write("UpdateResource", request, context, name=name, scope=name,
+                                 content=content, content_type=content_type, patch=patch,
+                                 precondition=precondition(request))
+
+    async def _write(self, method: str, request: WriteRequest, context: grpc.aio.ServicerContext,
+                     *, name: str, scope: str, **change: Any) -> pb.Resource:
+        """Record the write's actor, reason and request id (its fingerprint only when it has
+        one: nothing else reads it), and append it."""
+        request_id = model.validate_request_id(request.request_id)
         write = model.Write(
-            kind=model.WriteKind.UPDATE, name=name, content=content, content_type=content_type,
-            patch=patch, precondition=precondition(request), actor=self._actor(context),
-            reason=model.validate_reason(request.reason),
-            request_id=model.validate_request_id(request.request_id), request_scope=name,
-            fingerprint=fingerprint("UpdateResource", request),
-        )
+            kind=WRITE_KINDS[method], name=name, actor=self._actor(context),
+            reason=model.validate_reason(request.reason), request_id=request_id,
+            request_scope=scope, fingerprint=fingerprint(method, request) if request_id else b"",
+            **change)
         return to_resource(await self._store.write(write))
 
     def _patch(self, patch: pb.Patch) -> model.PatchSpec:
@@ -355,13 +359,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     async def DeleteResource(self, request: pb.DeleteResourceRequest,
                              context: grpc.aio.ServicerContext) -> pb.Resource:
         name = model.validate_name(request.name)
-        write = model.Write(
-            kind=model.WriteKind.DELETE, name=name, precondition=precondition(request),
-            actor=self._actor(context), reason=model.validate_reason(request.reason),
-            request_id=model.validate_request_id(request.request_id), request_scope=name,
-            fingerprint=fingerprint("DeleteResource", request),
-        )
-        return to_resource(await self._store.write(write))
+        return await self._write("DeleteResource", request, context, name=name, scope=name,
+                                 precondition=precondition(request))
 
     @_unary
     async def ListVersions(self, request: pb.ListVersionsRequest,
