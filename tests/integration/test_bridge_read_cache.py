@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from casledger.http_bridge.app import BridgeSettings
 from casledger.service import auth
@@ -31,26 +30,13 @@ from casledger.service.client import (
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
 from tests.support import linearizability as lin
+from tests.support.metrics import bridge_metric
 
 from .conftest import BridgeFactory, RawCall, closed_port
 
 JSON = {"Content-Type": "application/json"}
 GET_RESOURCE = "casledger.v1.Ledger/GetResource"
 GET_REVISION = "casledger.v1.Ledger/GetRevision"
-
-
-def scraped(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
-async def bridge_metric(http: httpx.AsyncClient, name: str, **labels: str) -> float:
-    response = await http.get("/metrics")
-    assert response.status_code == 200
-    return scraped(response.text, name, **labels)
 
 
 async def reads(http: httpx.AsyncClient, outcome: str) -> float:

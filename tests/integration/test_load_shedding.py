@@ -25,7 +25,6 @@ import httpx
 import pytest
 import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from casledger.http_bridge import sse
@@ -33,6 +32,7 @@ from casledger.http_bridge.app import BridgeSettings, create_app
 from casledger.service.client import LedgerCallError, connect, precondition
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
+from tests.support.metrics import bridge_metric, scraped
 
 JSON = {"Content-Type": "application/json"}
 CREATE = {"If-None-Match": "*", **JSON}
@@ -52,20 +52,6 @@ def gauge(server: RunningServer, name: str, **labels: str) -> float:
     assert server.metrics is not None
     value = server.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
-
-
-def scraped(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
-async def bridge_metric(http: httpx.AsyncClient, name: str, **labels: str) -> float:
-    response = await http.get("/metrics")  # never refused: scraping is how overload is seen
-    assert response.status_code == 200
-    return scraped(response.text, name, **labels)
 
 
 @asynccontextmanager

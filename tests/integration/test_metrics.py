@@ -13,23 +13,14 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from casledger.http_bridge.app import BridgeSettings
 from casledger.service.client import LedgerCallError, connect, precondition
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
+from tests.support.metrics import scraped as metric
 
 JSON = {"Content-Type": "application/json"}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample (0 when absent) in a Prometheus text exposition."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
 
 
 async def until(predicate: Callable[[], Awaitable[bool]]) -> None:
