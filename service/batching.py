@@ -26,6 +26,7 @@ as it would have been for each unary call.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ import grpc
 from .api.casledger.v1 import ledger_pb2 as pb
 from .client import LedgerCallError, LedgerClient, R, call_metadata
 from .logs import REQUEST_ID_KEY
+
+log = logging.getLogger("casledger.client")
 
 # The unary methods a Batch carries, by the BatchOperation field that holds each request.
 BATCHED = {"GetResource": "get", "CreateResource": "create", "UpdateResource": "update",
@@ -138,8 +141,9 @@ class BatchingClient(LedgerClient):
                 call.outcome.cancel()
             raise
         except Exception as exc:  # a bug: every caller gets it rather than hanging
+            log.error("a Batch call failed unexpectedly", exc_info=exc)
             _fail(calls, exc)
-            raise
+            return
         if len(reply.results) != len(calls):
             _fail(calls, LedgerCallError(grpc.StatusCode.INTERNAL, "the service answered a "
                                          "Batch with the wrong number of results", "", {}))
