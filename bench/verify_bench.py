@@ -29,9 +29,12 @@ reading the file in one Python thread can do better (N processes: about N times 
 
 A content-size sweep (on by default for runs of 10^5 versions or more) shows how the ratio grows
 with the content size: each version costs a fixed amount of Python and SQLite work besides the
-hashing, so small versions are dominated by it. The page cache is warm (the file was just
-written): this measures the verifier, not the disk. Other work on the machine shows in the
-figures: compare the spread of the repeats (``runs`` in the JSON results).
+hashing, so small versions are dominated by it. The page cache is warm: the file is read through
+once right before each run (outside the time the command reports), so this measures the
+verifier, not the disk — a file just written does not stay cached on every machine (a kernel
+that pages out memory left untouched for about a minute drops much of a 4 GiB ledger between
+runs, and a run then reads from the disk). Other work on the machine shows in the figures:
+compare the spread of the repeats (``runs`` in the JSON results).
 
     python -m bench                          # 10^4, 10^5, 10^6 versions of 4 KiB, plus the sweep
     python -m bench --versions 20000 --no-sweep --repeat 1   # a smoke run of a few seconds
@@ -267,8 +270,16 @@ class Sample:
         return max(self.cpu_s, self.workers_cpu_s / (jobs - 1) if jobs > 1 else 0.0)
 
 
+def warm(path: Path) -> None:
+    """Read the file through, so that the run after this finds it in the page cache."""
+    with open(path, "rb", buffering=0) as file:
+        while file.read(8 * MiB):
+            pass
+
+
 def run_verify(path: Path, jobs: int) -> Sample:
-    """`casledger verify --db path --json --jobs jobs` in a fresh process."""
+    """`casledger verify --db path --json --jobs jobs` in a fresh process, on a warm cache."""
+    warm(path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASLEDGER_")}
     workers: dict[int, int] = {}
     trackers: set[int] = set()
@@ -322,6 +333,7 @@ def measure(directory: Path, n: int, resources: int, content_bytes: int, jobs: i
         stream.append(wall)
         stream_cpu.append(cpu)
         per_version.append(raw_per_version_seconds(n, total))
+    warm(path)
     floor_s = read_floor_seconds(path)
     file_bytes = path.stat().st_size
     for leftover in directory.glob(f"{path.name}*"):

@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
 from contextlib import aclosing
 from typing import IO, Any
 
@@ -90,49 +90,115 @@ def _without_main_file() -> Iterator[None]:
         main.__file__ = file
 
 
+# Rows fed between two progress reports (and looks at the workers).
+_PROGRESS_ROWS = 4096
+
+
+def _feed_rows(reader: SQLiteReader, verifier: Verifier, after: int, upto: int,
+               advance: Callable[[int], None] = _ignore,
+               between: Callable[[], None] = lambda: None) -> None:
+    """Feed revisions `after` + 1 .. `upto` through `verifier`, straight from the cursor."""
+    with contextlib.closing(reader.scan(after=after, upto=upto)) as rows:
+        while fed := verifier.feed_rows(itertools.islice(rows, _PROGRESS_ROWS)):
+            advance(fed)
+            between()
+
+
+# The smallest chunk of revisions a worker is handed, in bytes of the file (at most _CHUNK_ROWS
+# revisions): near where this process and the workers meet, what one side may wait for the other.
+_CHUNK_BYTES = 8 << 20
+_CHUNK_ROWS = 4096
+
+
+def chunks(upto: int, jobs: int, smallest: int) -> list[tuple[int, int]]:
+    """Revisions 1..`upto` cut into contiguous chunks (after, last], in order, for `jobs`
+    processes that meet somewhere in the middle: this one takes them from the start, the workers
+    from the end. Each worker chunk is about a 4·`jobs`-th of what lies between the two sides
+    when it is taken (if every process goes alike), so they shrink to `smallest` revisions
+    towards the middle and stay that size beyond it: whichever side is slower on the day takes
+    fewer, and neither waits long for the other at the end."""
+    first = min(upto, smallest)
+    edges = [upto]
+    while edges[-1] > first:
+        between = upto - (upto - edges[-1]) * jobs // (jobs - 1)
+        low = edges[-1] - max(smallest, between // (4 * jobs))
+        edges.append(low if low - first >= smallest else first)
+    edges.append(0)
+    return list(itertools.pairwise(reversed(edges)))
+
+
 def check_file(reader: SQLiteReader, path: str, verifier: Verifier, upto: int, jobs: int,
                advance: Callable[[int], None] = _ignore, workers: Executor | None = None) -> None:
     """Feed revisions 1..`upto` of the ledger file at `path` through `verifier`: in one pass, or
-    cut into `jobs` contiguous slices checked at once — the first here, each other one in a
-    worker process (spawned: it opens the file read-only itself) — and stitched in order
-    (:meth:`Verifier.absorb`; see :mod:`casledger.service.verify`). A slice a worker gave up on
-    is read again here, in order. Either way the problems and the state are those of one pass.
-    `workers`: a pool of processes to use instead of starting `jobs` - 1 of them."""
-    bounds = [upto * k // jobs for k in range(jobs + 1)]
+    in `jobs` processes at once, cut into :func:`chunks`. The workers (spawned: each opens the
+    file read-only itself) check chunks from the end down; this process feeds the first chunk,
+    then each next one no worker has started yet (its task is cancelled), and then stitches the
+    workers' chunks on in order (:meth:`Verifier.absorb`; see :mod:`casledger.service.verify`).
+    A chunk a worker gave up on is read again here, in order. Either way the problems and the
+    state are those of one pass. `workers`: a pool of processes to use instead of starting
+    `jobs` - 1 of them."""
     if jobs == 1:
-        for rows in reader.rows(upto=upto):
-            verifier.feed_rows(rows)
-            advance(len(rows))
+        _feed_rows(reader, verifier, 0, upto, advance)
         return
-    slices = list(itertools.pairwise(bounds))[1:]  # the workers'
+    row_bytes = os.path.getsize(path) // max(reader.revision(), 1) + 1
+    plan = chunks(upto, jobs, max(1, min(_CHUNK_ROWS, _CHUNK_BYTES // row_bytes,
+                                         upto // (4 * jobs))))
+    digest_at, max_problems = verifier.digest_at, verifier.max_problems
     with contextlib.ExitStack() as stack:
         if workers is None:
             workers = stack.enter_context(ProcessPoolExecutor(
                 jobs - 1, mp_context=multiprocessing.get_context("spawn")))
         with _without_main_file():  # the workers start in submit
-            futures: list[Future[SliceSummary]] = [
-                workers.submit(verify_slice, path, after, last, verifier.digest_at,
-                               verifier.max_problems) for after, last in slices]
-        # Slices not started yet are not worth starting if this ends early (those running end
-        # with their slice; a Ctrl-C ends them too).
-        stack.callback(lambda: [future.cancel() for future in futures])
-        counted = [False] * len(futures)
+            futures: dict[int, Future[SliceSummary]] = {
+                index: workers.submit(verify_slice, path, after, last, digest_at, max_problems)
+                for index, (after, last) in reversed(list(enumerate(plan))) if index}
+        # Chunks not started yet are not worth starting if this ends early (those running end
+        # with their chunk; a Ctrl-C ends them too).
+        stack.callback(lambda: [future.cancel() for future in futures.values()])
+        runs: dict[int, tuple[int, SliceSummary]] = {}
 
-        def count_finished() -> None:  # the workers' progress: whole slices
-            for index, future in enumerate(futures):
-                if not counted[index] and future.done():
-                    counted[index] = True
-                    advance(slices[index][1] - slices[index][0])
+        def collect() -> None:  # the workers' finished chunks: joined, and counted as progress
+            for index in [index for index, future in futures.items() if future.done()]:
+                summary = futures.pop(index).result()
+                _join(runs, index, summary, digest_at, max_problems)
+                advance(plan[index][1] - plan[index][0])
 
-        for rows in reader.rows(upto=bounds[1]):
-            verifier.feed_rows(rows)
-            advance(len(rows))
-            count_finished()
-        for (after, last), future in zip(slices, futures, strict=True):
-            if not verifier.absorb(future.result()):
-                for rows in reader.rows(after=after, upto=last):
-                    verifier.feed_rows(rows)
-            count_finished()
+        index = 0  # this process takes each next chunk no worker has started (or finished)
+        while index < len(plan) and (not index or (
+                (future := futures.get(index)) is not None and future.cancel())):
+            futures.pop(index, None)
+            _feed_rows(reader, verifier, *plan[index], advance, collect)
+            index += 1
+        wait(futures.values())
+        collect()
+        for first in sorted(runs):
+            last, summary = runs[first]
+            if not verifier.absorb(summary):
+                _feed_rows(reader, verifier, plan[first][0], plan[last][1])
+
+
+def _join(runs: dict[int, tuple[int, SliceSummary]], index: int, summary: SliceSummary,
+          digest_at: int | None, max_problems: int) -> None:
+    """Add the summary of chunk `index` to `runs` (first chunk: (last chunk, summary), for each
+    run of consecutive chunks the workers have finished), joined to the runs right after and
+    right before it where it can be (:meth:`Verifier.resume`): this process holds one summary
+    per run, not one per chunk, so its memory does not grow with the chunks."""
+    first, last = index, index
+    after = runs.pop(last + 1, None)
+    if after is not None:
+        joined = Verifier.resume(summary, digest_at=digest_at, max_problems=max_problems)
+        if joined.absorb(after[1]):
+            last, summary = after[0], joined.summary()
+        else:
+            runs[last + 1] = after
+    before = next((start for start, (end, _) in runs.items() if end == first - 1), None)
+    if before is not None:
+        joined = Verifier.resume(runs[before][1], digest_at=digest_at,
+                                 max_problems=max_problems)
+        if joined.absorb(summary):
+            runs[before] = (last, joined.summary())
+            return
+    runs[first] = (last, summary)
 
 
 def _feed(args: argparse.Namespace, out: Output, verifier: Verifier, *, upto: int | None = None,

@@ -20,23 +20,26 @@ with less: the link from version n to n+1 may span the whole ledger. (Two passes
 constant — the second in (name, version) order over the unique index — at twice the reading.)
 
 Speed. :meth:`Verifier.feed_rows` takes database rows (tuples of the :class:`Version` fields, in
-order) and checks each with one :func:`~casledger.service.model.compute_hash_row` and a handful
-of comparisons, state in locals; a row that fails any of them (or that it cannot read) goes to
-the slow path, which redoes that row's checks the way they are written out in :meth:`_judge`
-and :meth:`_diagnose` and says what is wrong. Only rows that are fine take the fast path, so
-both paths report the same.
+order; any iterable, such as the cursor itself, so that no batch of rows is held) and checks each
+with one :func:`~casledger.service.model.compute_hash_row` and a handful of comparisons, state in
+locals; a row that fails any of them (or that it cannot read) goes to the slow path, which redoes
+that row's checks the way they are written out in :meth:`_judge` and :meth:`_diagnose` and says
+what is wrong. Only rows that are fine take the fast path, so both paths report the same.
 
-Slices. ``casledger verify --jobs N`` cuts the revisions into N contiguous slices and checks
-them at once in N processes. A worker checks its slice with :meth:`Verifier.for_slice`: every
-row's hash and every link inside the slice as usual; the rows whose checks need what came
-before the slice — its first row (the ledger chain) and each resource's first row in it (the
-resource's chain) — are settled as far as the slice can settle them (the hash, the content's
-length) and handed back as :class:`Pending` rows in a :class:`SliceSummary`, with the state at the
-slice's end (each resource's last version, the last revision) and, if it holds the digest's
-revision, each resource's head there. The parent feeds the first slice itself and
-:meth:`Verifier.absorb` s the others in order: it judges each pending row against the state the
-earlier slices left (the same :meth:`_judge`), merges the problems by revision and takes the
-slice's end state as its own. The problems, their order and the final state are those of a
+Slices. ``casledger verify --jobs N`` checks contiguous slices of the revisions at once in N
+processes. A worker checks its slice with :meth:`Verifier.for_slice`: every row's hash and every
+link inside the slice as usual; the rows whose checks need what came before the slice — its first
+row (the ledger chain) and each resource's first row in it (the resource's chain) — are settled as
+far as the slice can settle them (the hash, the content's length) and handed back as
+:data:`Pending` rows in a :class:`SliceSummary`, with the state at the slice's end (each
+resource's last version, the last revision) and, if it holds the digest's revision, each
+resource's head there. The parent feeds the first slice itself and :meth:`Verifier.absorb` s the
+others in order: it judges each pending row against the state the earlier slices left (the same
+condition as the fast path, then :meth:`_judge` for a row that fails it), merges the problems by
+revision and takes the slice's end state as its own. Two adjacent summaries join into one
+(:meth:`Verifier.resume` the first, absorb the second: the pending rows of the second that link
+into the first are judged, the others stay pending), so the parent holds one summary for a run of
+slices however many there are. The problems, their order and the final state are those of a
 single pass over the same rows.
 
 That needs one thing the slice cannot see: that the rows before it left ordinary values in the
@@ -60,7 +63,7 @@ import heapq
 import itertools
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
@@ -163,31 +166,23 @@ def row_of(v: Version) -> Row:
             v.ledger_previous_hash, v.hash, v.size)
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A row of a slice whose checks need the rows before the slice, without its content: what
-    the content decides (``hash_differs``, ``content_length``) is settled by the worker, which
-    had it. ``before``: the ledger state just before the row, unless the row is the slice's
-    first (then it is the state the earlier slices end with)."""
+Pending = tuple[str, int, int, str, int, Any, bytes, bytes, Any, bool, int, "LedgerState | None"]
+"""A row of a slice whose checks need the rows before the slice, without its content: (name,
+version, revision, content_type, update_time_us, deleted, previous_hash, ledger_previous_hash,
+size, hash_differs, content_length, before). What the content decides (``hash_differs``,
+``content_length``) is settled by the worker, which had it; ``deleted`` and ``size`` are as read
+(the checks say what is wrong with them). ``before``: the ledger state just before the row,
+unless the row is the slice's first (then it is the state the earlier slices end with). A plain
+tuple: a summary carries one per resource, across processes, and a dataclass pickles ten times
+slower."""
 
-    name: str
-    version: int
-    revision: int
-    content_type: str
-    update_time_us: int
-    deleted: Any  # the stored flag, as read (the checks say whether it is 0 or 1)
-    previous_hash: bytes
-    ledger_previous_hash: bytes
-    size: Any
-    hash_differs: bool
-    content_length: int
-    before: LedgerState | None
 
-    def stand_in(self) -> Version:
-        """The row as a Version the checks can read (the content is never looked at)."""
-        return Version(self.name, self.version, self.revision, b"", self.content_type, 0,
-                       self.update_time_us, "", "", self.deleted, self.previous_hash,
-                       self.ledger_previous_hash, b"", self.size)
+def _stand_in(pending: Pending) -> Version:
+    """The pending row as a Version the checks can read (the content is never looked at)."""
+    (name, version, revision, content_type, update_time_us, deleted, previous_hash,
+     ledger_previous_hash, size, *_) = pending
+    return Version(name, version, revision, b"", content_type, 0, update_time_us, "", "",
+                   deleted, previous_hash, ledger_previous_hash, b"", size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +245,26 @@ class Verifier:
         verifier._hash = _UNKNOWN
         return verifier
 
+    @classmethod
+    def resume(cls, summary: SliceSummary, *, digest_at: int | None = None,
+               max_problems: int = 1000) -> Verifier:
+        """A verifier of a slice that has been fed the rows `summary` sums up: it can
+        :meth:`absorb` the summary of the slice right after it, and its :meth:`summary` is then
+        that of both slices, as if one worker had checked them in one go. The parent joins the
+        workers' chunks so as they come in, holding one summary instead of one per chunk."""
+        verifier = cls.for_slice(digest_at=digest_at, max_problems=max_problems)
+        verifier._gave_up = summary.gave_up
+        verifier.versions, verifier.problem_count = summary.versions, summary.problem_count
+        verifier.problems = list(summary.problems)
+        verifier._pending = list(summary.pending)
+        verifier._heads = dict(summary.heads)
+        if summary.last is not None:
+            verifier._revision, verifier._hash, verifier._time, *last = summary.last
+            verifier._last = (last[0], last[1])
+            verifier._ledger_known = True
+        verifier._slice_snapshot = summary.snapshot
+        return verifier
+
     @property
     def revision(self) -> int:
         """The last revision fed (0 before any)."""
@@ -279,37 +294,50 @@ class Verifier:
 
     def feed(self, batch: Iterable[Version]) -> None:
         """Check the next versions (revision order); their problems are recorded."""
-        self.feed_rows([row_of(v) for v in batch])
+        self.feed_rows(map(row_of, batch))
 
-    def feed_rows(self, rows: Sequence[Row]) -> None:
-        """Check the next versions, as rows (revision order); their problems are recorded."""
-        # The hot loop of `casledger verify`: state lives in locals while a batch runs, and the
+    def feed_rows(self, rows: Iterable[Row]) -> int:
+        """Check the next versions, as rows (revision order); their problems are recorded.
+        Returns how many rows it took (`rows` may be an iterator, such as a database cursor)."""
+        # The hot loop of `casledger verify`: state lives in locals while the rows run, and the
         # only call per row is compute_hash_row. A row that is not plainly fine goes to _slow
         # (problems are rare and may be slow): the condition below is _judge's, with the
         # content's hash and length at hand.
         if self._gave_up:
-            return
+            return 0
         heads = self._heads
+        head_of = heads.get
         revision, last_hash, last_time = self._revision, self._hash, self._time
         last_row: Row | None = None
         # In a slice, a resource not seen yet in it links to a version before it: pending.
-        in_slice = self._in_slice
+        in_slice, pending = self._in_slice, self._pending
         snapshot_at = self._snapshot_at()
         hash_row = compute_hash_row
-        self.versions += len(rows)
-        for row in rows:
+        count = 0
+        for count, row in enumerate(rows, 1):
             try:
                 (name, number, rev, content, content_type, _, update_time, _, _, deleted,
                  previous, ledger_previous, stored, size) = row
-                head = heads.get(name)
                 fine = not (
                     hash_row(row) != stored or rev != revision + 1
                     or ledger_previous != last_hash or size != len(content)
                     or update_time <= last_time
-                    or ((in_slice or number != 1 or previous) if head is None
-                        else number != head[0] + 1 or previous != head[1]
-                        or (deleted and head[2]))
                     or (deleted and (deleted != 1 or content or content_type)))
+                if not fine:
+                    pass
+                elif (head := head_of(name)) is not None:
+                    fine = not (number != head[0] + 1 or previous != head[1]
+                                or (deleted and head[2]))
+                elif not in_slice:
+                    fine = number == 1 and not previous
+                elif fine := (type(name) is str and type(number) is int and type(rev) is int
+                              and type(update_time) is int and type(stored) is bytes):
+                    # The resource's first row in the slice: what _slow_in_slice leaves to the
+                    # parent (its links to the rows before the slice), as it would leave it.
+                    last = self._last if last_row is None else (last_row[0], last_row[1])
+                    pending.append((name, number, rev, content_type, update_time, deleted,
+                                    previous, ledger_previous, size, False, len(content),
+                                    (revision, last_hash, last_time, *last)))
             except Exception:  # a value of the wrong type: _slow says which
                 fine = False
             if fine:
@@ -327,12 +355,15 @@ class Verifier:
                 last_row = None
             self._slow(row)
             if self.gave_up:
-                return
+                self.versions += count
+                return count
             revision, last_hash, last_time = self._revision, self._hash, self._time
             snapshot_at = self._snapshot_at()
         self._revision, self._hash, self._time = revision, last_hash, last_time
         if last_row is not None:
             self._last = (last_row[0], last_row[1])
+        self.versions += count
+        return count
 
     def _snapshot_at(self) -> int:
         taken = self._slice_snapshot is not None if self._in_slice else self._digest is not None
@@ -495,7 +526,7 @@ class Verifier:
             return
         before = ((self._revision, self._hash, self._time, *self._last) if self._ledger_known
                   else None)
-        self._pending.append(Pending(
+        self._pending.append((
             v.name, v.version, v.revision, v.content_type, v.update_time_us, v.deleted,
             v.previous_hash, v.ledger_previous_hash, v.size, hash_differs, length, before))
         self._ledger_known = True
@@ -513,27 +544,65 @@ class Verifier:
         """Take in the summary of the slice that follows what was fed, as if its rows had been
         fed: the same problems, in the same order, and the same state. False, changing nothing,
         when it cannot — the worker gave up on the slice, or the rows fed so far left a value
-        of an unusual type in the state: then feed the slice's rows instead."""
-        if summary.gave_up or self._tainted or self._in_slice:
+        of an unusual type in the state: then feed the slice's rows instead.
+
+        A slice verifier (:meth:`resume`) absorbs the next slice too: the rows of it that link
+        to rows of its own are judged, those that link to rows before it stay pending."""
+        if summary.gave_up or self._gave_up or self._tainted:
             return False
-        digest = None
-        if (summary.snapshot is not None and self._digest_at is not None
-                and self._digest is None):
+        if self._in_slice and summary.pending and not (
+                self._ledger_known and type(summary.pending[0][2]) is int
+                and summary.pending[0][2] > self._revision):
+            # The joined slice's problems are merged by revision with those the parent finds:
+            # its revisions must go up all along (within a slice they do, or its worker gave up).
+            return False
+        digest = snapshot = None
+        if summary.snapshot is not None and self._digest_at is not None and (
+                self._slice_snapshot is None if self._in_slice else self._digest is None):
             revision, revision_hash, local = summary.snapshot
             heads = {name: (head[0], head[1]) for name, head in self._heads.items()}
             heads.update(local)
-            digest = ledger_digest(revision, revision_hash,
-                                   ((name, *heads[name]) for name in sorted(heads)))
+            if self._in_slice:
+                snapshot = (revision, revision_hash, heads)
+            else:
+                digest = ledger_digest(revision, revision_hash,
+                                       ((name, *heads[name]) for name in sorted(heads)))
         saved = (self._revision, self._hash, self._time, self._last)
         kept, count = self.problems, self.problem_count
         self.problems, self.problem_count = [], 0
+        head_of, in_slice = self._heads.get, self._in_slice
+        carried: list[Pending] = []
         try:
             for pending in summary.pending:
-                if pending.before is not None:
-                    self._revision, self._hash, self._time, *last = pending.before
+                (name, number, rev, content_type, update_time, deleted, previous,
+                 ledger_previous, size, hash_differs, length, before) = pending
+                if in_slice and name not in self._heads:
+                    # It links to a row before this slice too: still pending, now with the
+                    # ledger state before it known.
+                    carried.append(pending if before is not None else (
+                        *pending[:-1], (saved[0], saved[1], saved[2], *saved[3])))
+                    continue
+                if before is not None:
+                    self._revision, self._hash, self._time, *last = before
                     self._last = (last[0], last[1])
-                if not self._judge(pending.stand_in(), pending.hash_differs,
-                                   pending.content_length):
+                else:
+                    self._revision, self._hash, self._time, self._last = saved
+                # _judge's condition, without building a Version for the rows that pass it (the
+                # summary of a slice holds one row per resource).
+                try:
+                    head = head_of(name)
+                    fine = not (
+                        hash_differs or rev != self._revision + 1
+                        or ledger_previous != self._hash or size != length
+                        or update_time <= self._time
+                        or (number != 1 or previous if head is None
+                            else number != head[0] + 1 or previous != head[1]
+                            or (deleted and head[2]))
+                        or (deleted and ((deleted is not True and deleted != 1) or length
+                                         or content_type)))
+                except Exception:  # _judge says what
+                    fine = False
+                if not fine and not self._judge(_stand_in(pending), hash_differs, length):
                     # Cannot happen after the checks above; if it did, one pass decides.
                     self._revision, self._hash, self._time, self._last = saved
                     return False
@@ -551,9 +620,12 @@ class Verifier:
         else:
             self._revision, self._hash, self._time, self._last = saved
         self._heads.update(summary.heads)
+        self._pending += carried
         self.versions += summary.versions
         if digest is not None:
             self._digest = digest
+        if snapshot is not None:
+            self._slice_snapshot = snapshot
         return True
 
     # --- after the pass --------------------------------------------------------------------

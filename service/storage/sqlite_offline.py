@@ -14,9 +14,10 @@ the transaction is rolled back and a file the import created is deleted.
 
 Rows come out as :class:`~casledger.service.model.Version` built positionally from a SELECT whose
 columns are the dataclass's own fields, in order; the ``deleted`` flag is therefore the stored
-integer, which the verifier checks is 0 or 1. ``verify`` takes the rows as they are
-(:meth:`SQLiteReader.rows`: building a Version costs about as much as the verifier's own work on
-a row), and :func:`verify_slice` is what each worker process of ``verify --jobs N`` runs.
+integer, which the verifier checks is 0 or 1. ``verify`` takes the rows as they are, one at a time
+from the cursor (:meth:`SQLiteReader.scan`: building a Version costs about as much as the
+verifier's own work on a row), and :func:`verify_slice` is what each worker process of ``verify
+--jobs N`` runs, on one chunk of the revisions at a time.
 """
 
 from __future__ import annotations
@@ -113,8 +114,24 @@ class SQLiteReader:
 
     def rows(self, *, after: int = 0, upto: int | None = None, prefix: str = "",
              batch: int = DEFAULT_BATCH) -> Iterator[list[Row]]:
-        """:meth:`versions` as rows, the Version fields in order, as stored (for the
-        verifier's hot loop, which reads them without building a Version each)."""
+        """:meth:`versions` as rows, the Version fields in order, as stored."""
+        cursor = self._select(after, upto, prefix)
+        cursor.arraysize = min(batch, 64)
+        with closing(cursor):
+            while rows := cursor.fetchmany():
+                yield rows
+                # Batches of about BATCH_BYTES, whatever the content sizes: memory stays flat.
+                size = sum(len(c) if isinstance(c := row[_CONTENT], bytes) else 0 for row in rows)
+                cursor.arraysize = max(1, min(batch, BATCH_BYTES * len(rows) // (size + 1)))
+
+    def scan(self, *, after: int = 0, upto: int | None = None) -> sqlite3.Cursor:
+        """The versions with `after` < revision <= `upto`, in revision order, as rows (the
+        Version fields in order, as stored), one at a time: what the verifier reads, straight
+        from the cursor (no batch is built, and each row is freed as the next one comes). Close
+        the cursor if it is not read to the end."""
+        return self._select(after, upto, "")
+
+    def _select(self, after: int, upto: int | None, prefix: str) -> sqlite3.Cursor:
         sql = f"SELECT {_FIELDS} FROM versions WHERE revision > ?"
         params: list[object] = [after]
         if upto is not None:
@@ -124,15 +141,7 @@ class SQLiteReader:
             # `prefix/` .. `prefix0` is exactly the names below prefix ('0' follows '/').
             sql += " AND (name = ? OR (name > ? AND name < ?))"
             params += [prefix, prefix + "/", prefix + "0"]
-        cursor = self._db.execute(sql + " ORDER BY revision", params)
-        cursor.arraysize = min(batch, 64)
-        with closing(cursor):
-            while rows := cursor.fetchmany():
-                yield rows
-                # Batches of about BATCH_BYTES, whatever the content sizes: memory stays flat,
-                # and a batch stays in the CPU caches between reading and hashing.
-                size = sum(len(c) if isinstance(c := row[_CONTENT], bytes) else 0 for row in rows)
-                cursor.arraysize = max(1, min(batch, BATCH_BYTES * len(rows) // (size + 1)))
+        return self._db.execute(sql + " ORDER BY revision", params)
 
     def get(self, name: str, version: int = 0) -> Version:
         """A version of `name` (0 = the current one), like the service's GetResource."""
@@ -247,11 +256,8 @@ def verify_slice(path: str, after: int, upto: int, digest_at: int | None = None,
     The rows up to `upto` are the same in every snapshot taken after the parent's: the versions
     table only grows."""
     verifier = Verifier.for_slice(digest_at=digest_at, max_problems=max_problems)
-    with open_sqlite_reader(path) as reader:
-        for rows in reader.rows(after=after, upto=upto):
-            verifier.feed_rows(rows)
-            if verifier.gave_up:
-                break
+    with open_sqlite_reader(path) as reader, closing(reader.scan(after=after, upto=upto)) as rows:
+        verifier.feed_rows(rows)  # it stops at a row it gives up on
     return verifier.summary()
 
 

@@ -5,12 +5,14 @@ with --db. The ledger is written once by a real server; each test works on its o
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -19,14 +21,20 @@ from typing import Any
 
 import pytest
 
-from casledger.service.audit import MIN_SLICE_BYTES, MIN_SLICE_VERSIONS, check_file, jobs_for
+from casledger.service.audit import (
+    MIN_SLICE_BYTES,
+    MIN_SLICE_VERSIONS,
+    check_file,
+    chunks,
+    jobs_for,
+)
 from casledger.service.cli import main
 from casledger.service.client import connect, precondition
 from casledger.service.config import Settings
 from casledger.service.model import Version, compute_hash
 from casledger.service.server import RunningServer, serve
 from casledger.service.storage.sqlite_offline import open_sqlite_reader
-from casledger.service.verify import Digest, SliceSummary, Verifier
+from casledger.service.verify import Digest, Row, SliceSummary, Verifier
 
 # These tamper with the SQLite file itself (the PostgreSQL ledger: test_postgres_offline.py).
 pytestmark = pytest.mark.sqlite_only
@@ -591,9 +599,17 @@ TAMPERINGS: dict[str, Callable[[Path], None]] = {
 
 
 class Counting(Verifier):
-    """Counts the slices absorbed and those it had to be fed instead."""
+    """Counts the chunks absorbed and those it had to be fed instead. Its first feed is slow,
+    so that the workers take chunks (this process takes every chunk no worker has started)."""
 
     absorbed = fed = 0
+    slow_start = False
+
+    def feed_rows(self, rows: Iterable[Row]) -> int:
+        if self.slow_start:
+            self.slow_start = False
+            time.sleep(0.2)
+        return super().feed_rows(rows)
 
     def absorb(self, summary: SliceSummary) -> bool:
         done = super().absorb(summary)
@@ -622,8 +638,9 @@ def digest_at_5(pristine: Path) -> Digest:
 
 def check(db: Path, jobs: int, workers: ProcessPoolExecutor | None,
           expected: Digest) -> tuple[dict[str, Any], Counting]:
-    """What `verify --digest expected` finds, with `jobs` slices."""
+    """What `verify --digest expected` finds, in `jobs` processes."""
     verifier = Counting(digest_at=expected.revision)
+    verifier.slow_start = jobs > 1
     with open_sqlite_reader(str(db)) as reader:
         check_file(reader, str(db), verifier, reader.revision(), jobs, workers=workers)
         verifier.check_heads(reader.heads())
@@ -643,7 +660,7 @@ def test_jobs_report_what_one_pass_reports(ledger: Path, tampering: str, jobs: i
     single, _ = check(ledger, 1, None, digest_at_5)
     sliced, verifier = check(ledger, jobs, workers, digest_at_5)
     assert sliced == single
-    assert verifier.absorbed + verifier.fed == jobs - 1
+    assert verifier.absorbed + verifier.fed >= (jobs > 1)
     if tampering in ("intact", "edited content", "deleted middle version", "rewritten history"):
         assert verifier.fed == 0  # the slices were stitched, not read again
 
@@ -687,3 +704,18 @@ def test_the_default_jobs_split_only_ledgers_worth_it() -> None:
     assert jobs_for(None, 1, 10 * MIN_SLICE_BYTES * cpus) == 1
     assert jobs_for(4, 8) == 4
     assert jobs_for(4, 2) == 2
+
+
+@pytest.mark.parametrize(("upto", "jobs", "smallest"), [
+    (1, 2, 1), (2, 2, 1), (9, 3, 1), (100, 2, 6), (10**6, 2, 1900), (10**6, 5, 4096)])
+def test_chunks_cover_the_revisions_once_and_shrink_towards_the_middle(
+        upto: int, jobs: int, smallest: int) -> None:
+    plan = chunks(upto, jobs, smallest)
+    assert plan[0][0] == 0
+    assert plan[-1][1] == upto
+    assert all(earlier[1] == later[0] for earlier, later in itertools.pairwise(plan))
+    sizes = [last - after for after, last in plan]
+    assert min(sizes) >= min(smallest, upto)
+    assert sizes[-1] <= max(smallest, upto // (4 * jobs))
+    back = [last - after for after, last in plan if after >= upto // 2]
+    assert back == sorted(back)  # growing from the middle to the end

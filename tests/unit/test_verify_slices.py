@@ -22,6 +22,7 @@ from casledger.service.verify import (
     Digest,
     ProblemKind,
     Row,
+    SliceSummary,
     Verifier,
     row_of,
 )
@@ -82,6 +83,9 @@ class Options:
     digest_at: int | None = None
     max_problems: int = 1000
     batch: int = 1000  # rows per feed_rows call
+    # Join the workers' summaries from the last one back (Verifier.resume, as `verify --jobs`
+    # does as they come in) before the parent absorbs them.
+    join: bool = False
 
 
 def one_pass(rows: list[Row], options: Options) -> Verifier:
@@ -91,18 +95,37 @@ def one_pass(rows: list[Row], options: Options) -> Verifier:
     return verifier
 
 
+def _crossing(summary: SliceSummary) -> SliceSummary:
+    summary = pickle.loads(pickle.dumps(summary))
+    assert isinstance(summary, SliceSummary)
+    return summary
+
+
 def in_slices(rows: list[Row], cuts: list[int], options: Options) -> tuple[Verifier, int]:
     """The parent feeds rows[:cuts[0]] and absorbs the other slices' summaries, in order (or
     feeds a slice's rows when it cannot); also returns how many slices it had to feed."""
     bounds = [0, *cuts, len(rows)]
     parent = one_pass(rows[:bounds[1]], options)
-    fed = 0
+    segments: list[tuple[int, int, SliceSummary]] = []
     for low, high in itertools.pairwise(bounds[1:]):
         worker = Verifier.for_slice(digest_at=options.digest_at,
                                     max_problems=options.max_problems)
         for start in range(low, high, options.batch):
             worker.feed_rows(rows[start:min(high, start + options.batch)])
-        summary = pickle.loads(pickle.dumps(worker.summary()))
+        segments.append((low, high, _crossing(worker.summary())))
+    if options.join:
+        joined: list[tuple[int, int, SliceSummary]] = []
+        for low, high, summary in reversed(segments):
+            if joined:
+                earlier = Verifier.resume(summary, digest_at=options.digest_at,
+                                          max_problems=options.max_problems)
+                if earlier.absorb(joined[-1][2]):
+                    joined[-1] = (low, joined[-1][1], _crossing(earlier.summary()))
+                    continue
+            joined.append((low, high, summary))
+        segments = joined[::-1]
+    fed = 0
+    for low, high, summary in segments:
         if not parent.absorb(summary):
             fed += 1
             for start in range(low, high, options.batch):
@@ -234,8 +257,11 @@ TAMPERINGS: dict[str, Callable[[list[Version]], list[Version]]] = {
 @pytest.mark.parametrize("jobs", [1, 2, 3])
 @pytest.mark.parametrize("tampering", list(TAMPERINGS))
 @pytest.mark.parametrize("options", [Options(), Options(digest_at=5), Options(max_problems=2),
-                                     Options(digest_at=9, max_problems=1, batch=2)],
-                         ids=["plain", "digest-at-5", "2-problems", "digest-at-9-batches-of-2"])
+                                     Options(digest_at=9, max_problems=1, batch=2),
+                                     Options(join=True), Options(digest_at=5, join=True),
+                                     Options(digest_at=9, max_problems=2, batch=2, join=True)],
+                         ids=["plain", "digest-at-5", "2-problems", "digest-at-9-batches-of-2",
+                              "joined", "joined-digest-at-5", "joined-digest-at-9-2-problems"])
 def test_slices_report_what_one_pass_reports(tampering: str, jobs: int,
                                              options: Options) -> None:
     pristine = build()
@@ -249,9 +275,9 @@ def test_slices_report_what_one_pass_reports(tampering: str, jobs: int,
 @pytest.mark.parametrize("tampering", list(TAMPERINGS))
 def test_every_cut_of_the_ledger_gives_the_same(tampering: str) -> None:
     versions = rows(TAMPERINGS[tampering](build()))
-    for jobs in (2, 3):
+    for jobs in (2, 3, 4):
         for cuts in itertools.combinations(range(len(versions) + 1), jobs - 1):
-            assert_same(versions, list(cuts), Options(digest_at=4))
+            assert_same(versions, list(cuts), Options(digest_at=4, join=jobs > 2))
 
 
 def test_a_slice_summary_grows_with_resources_not_versions() -> None:
@@ -344,7 +370,7 @@ def test_slices_report_what_one_pass_reports_on_generated_tamperings(
                                      max_size=jobs - 1), label="cuts"))
     options = Options(digest_at=data.draw(st.none() | st.integers(0, len(versions) + 2)),
                       max_problems=data.draw(st.sampled_from([1, 3, 1000])),
-                      batch=data.draw(st.sampled_from([1, 3, 1000])))
+                      batch=data.draw(st.sampled_from([1, 3, 1000])), join=data.draw(st.booleans()))
     expected = one_pass(rows(build(LONG)), Options(digest_at=options.digest_at)).target_digest
     assert_same(versions, cuts, options, expected)
 
@@ -353,3 +379,4 @@ def test_an_intact_ledger_is_absorbed_whole_at_every_cut() -> None:
     versions = rows(build(LONG))
     for cuts in itertools.combinations(range(len(versions) + 1), 2):
         assert assert_same(versions, list(cuts), Options(digest_at=7)) == 0
+        assert assert_same(versions, list(cuts), Options(digest_at=7, join=True)) == 0
