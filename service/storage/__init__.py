@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .. import errors
 from ..model import Version, Write
 from ..watch import WatchHub
 
@@ -95,6 +96,17 @@ class LedgerReader(Protocol):
         ...
 
     def sizes(self, now_us: int | None = None) -> LedgerSizes: ...
+
+
+def requested_version(found: list[Version], name: str, version: int) -> Version:
+    """What ``Store.get`` answers from the rows its query found: version `version` of `name`
+    (0: the current one, which must not be a tombstone), or ResourceNotFound."""
+    if not found:
+        raise errors.ResourceNotFound(name=name, version=version) if version else (
+            errors.ResourceNotFound(name=name))
+    if not version and found[0].deleted:
+        raise errors.ResourceNotFound(name=name, deleted_at_version=found[0].version)
+    return found[0]
 
 
 class ShieldedWrites:

@@ -66,7 +66,7 @@ import asyncpg
 from .. import errors
 from ..model import Head, Tail, Version, Write, parent_of, plan_write
 from ..watch import WatchHub
-from . import Durability, ShieldedWrites, StoreOptions, redact
+from . import Durability, ShieldedWrites, StoreOptions, redact, requested_version
 
 log = logging.getLogger("casledger.storage.postgres")
 
@@ -537,16 +537,11 @@ class PostgresStore:
         if version:
             found = await self._fetch(
                 f"SELECT {COLUMNS} FROM versions WHERE name = $1 AND version = $2", name, version)
-            if not found:
-                raise errors.ResourceNotFound(name=name, version=version)
-            return found[0]
-        found = await self._fetch(
-            f"SELECT {COLUMNS} FROM versions WHERE name = $1 ORDER BY version DESC LIMIT 1", name)
-        if not found:
-            raise errors.ResourceNotFound(name=name)
-        if found[0].deleted:
-            raise errors.ResourceNotFound(name=name, deleted_at_version=found[0].version)
-        return found[0]
+        else:
+            found = await self._fetch(
+                f"SELECT {COLUMNS} FROM versions WHERE name = $1 ORDER BY version DESC LIMIT 1",
+                name)
+        return requested_version(found, name, version)
 
     async def list_resources(self, parent: str, limit: int, after: str | None) -> list[Version]:
         columns = ", ".join(f"v.{c.strip()}" for c in COLUMNS.split(","))

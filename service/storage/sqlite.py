@@ -37,7 +37,7 @@ import aiosqlite
 from .. import errors
 from ..model import EMPTY_TAIL, Head, Tail, Version, Write, parent_of, plan_write
 from ..watch import WatchHub
-from . import Durability, ShieldedWrites, StoreOptions
+from . import Durability, ShieldedWrites, StoreOptions, requested_version
 
 SCHEMA_VERSION = 1
 PURGE_EVERY = 1000
@@ -362,18 +362,12 @@ class SQLiteStore:
                 f"SELECT {_ALL_COLUMNS} FROM versions WHERE name = ? AND version = ?",
                 (name, version),
             )
-            if not found:
-                raise errors.ResourceNotFound(name=name, version=version)
-            return found[0]
-        found = await self._fetch(
-            f"SELECT {_ALL_COLUMNS} FROM versions WHERE name = ? ORDER BY version DESC LIMIT 1",
-            (name,),
-        )
-        if not found:
-            raise errors.ResourceNotFound(name=name)
-        if found[0].deleted:
-            raise errors.ResourceNotFound(name=name, deleted_at_version=found[0].version)
-        return found[0]
+        else:
+            found = await self._fetch(
+                f"SELECT {_ALL_COLUMNS} FROM versions WHERE name = ? ORDER BY version DESC "
+                "LIMIT 1", (name,),
+            )
+        return requested_version(found, name, version)
 
     async def list_resources(self, parent: str, limit: int, after: str | None) -> list[Version]:
         columns = ", ".join(f"v.{c.strip()}" for c in _ALL_COLUMNS.split(","))
