@@ -48,7 +48,7 @@ Identity = tuple[tuple[str, str], ...]
 
 @dataclass(slots=True)
 class _Call:
-    field: str
+    method: str
     request: Any
     size: int
     call_id: str
@@ -75,9 +75,8 @@ class BatchingClient(LedgerClient):
         self.batched_calls = 0
 
     async def _call(self, method: str, request: Any, returns: type[R]) -> R:
-        name = BATCHED.get(method)
         size = request.ByteSize()
-        if name is None or self._unsupported or size > self.max_bytes:
+        if method not in BATCHED or self._unsupported or size > self.max_bytes:
             return await super()._call(method, request, returns)
         # The request id stays out of the identity (it differs per request): each operation
         # carries its own, and the service logs the operation's line with it.
@@ -88,7 +87,7 @@ class BatchingClient(LedgerClient):
         if queue is None:
             queue = self._queues[identity] = _Queue()
         outcome: asyncio.Future[pb.Resource] = asyncio.get_running_loop().create_future()
-        queue.calls.append(_Call(name, request, size, call_id, outcome))
+        queue.calls.append(_Call(method, request, size, call_id, outcome))
         if queue.in_flight < self.max_calls:
             queue.in_flight += 1
             runner = asyncio.create_task(self._run(identity, queue))
@@ -123,7 +122,7 @@ class BatchingClient(LedgerClient):
         if not calls:
             return
         request = pb.BatchRequest(operations=[
-            pb.BatchOperation(call_id=call.call_id, **{call.field: call.request})
+            pb.BatchOperation(call_id=call.call_id, **{BATCHED[call.method]: call.request})
             for call in calls])
         self.batches += 1
         self.batched_calls += len(calls)
@@ -157,9 +156,8 @@ class BatchingClient(LedgerClient):
                 call.outcome.set_exception(LedgerCallError.from_status_message(result.status))
 
     async def _unary(self, call: _Call, identity: Identity) -> None:
-        method = next(method for method, name in BATCHED.items() if name == call.field)
         try:
-            response = await getattr(self.stub, method)(
+            response = await getattr(self.stub, call.method)(
                 call.request, timeout=self.call_timeout,
                 metadata=(*identity, (REQUEST_ID_KEY, call.call_id)) if call.call_id
                 else identity)

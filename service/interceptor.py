@@ -31,7 +31,7 @@ from google.rpc import error_details_pb2, status_pb2
 from . import errors, logs
 from .limits import RETRY_AFTER_S, Gate
 from .metrics import ServiceMetrics
-from .servicer import to_status
+from .servicer import peer_of, to_status
 
 LIMITED_PREFIX = "/casledger.v1.Ledger/"
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -150,7 +150,7 @@ class _Call:
 
     def _begin(self, context: Context) -> Token[str]:
         self.started = time.perf_counter()
-        self.peer = _peer(context)
+        self.peer = peer_of(context)
         return logs.request_id.set(self.request_id)
 
     async def _admit(self, gate: Gate | None, context: _ObservedContext) -> None:
@@ -196,13 +196,6 @@ class _ObservedContext:
     async def abort_with_status(self, status: grpc.Status) -> None:
         self._call.finish(status.code, _reason(status.trailing_metadata))
         await self._context.abort_with_status(status)
-
-
-def _peer(context: Context) -> str:
-    """Read while the call is alive: after it ended (a stream finalized late) the C call behind
-    ``peer()`` may be gone, and reading it then crashes the process."""
-    peer = context.peer()
-    return peer if isinstance(peer, str) else ""
 
 
 def _code(context: Context) -> grpc.StatusCode:

@@ -427,7 +427,7 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         finally:
             if self._observe is not None:
                 self._observe(f"{SERVICE_NAME}/{method}", code, reason,
-                              time.perf_counter() - started, _peer(context), call_id)
+                              time.perf_counter() - started, peer_of(context), call_id)
 
     async def Watch(self, request: pb.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
@@ -452,7 +452,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             await context.abort_with_status(to_status(error))
 
 
-def _peer(context: grpc.aio.ServicerContext) -> str:
+def peer_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address. Read it while the call is alive: after it ended (a stream finalized
+    late) the C call behind ``peer()`` may be gone, and reading it then crashes the process."""
     peer = context.peer()
     return peer if isinstance(peer, str) else ""
 
