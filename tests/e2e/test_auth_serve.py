@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -26,28 +23,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.api.casledger.v1 import ledger_pb2_grpc as pb_grpc
+from tests.support.processes import CASLEDGER, clean_env, free_port
 
 if TYPE_CHECKING:
     from tests.conftest import TLSFiles
 
 pytestmark = pytest.mark.e2e
 
-CASLEDGER = shutil.which("casledger", path=os.path.dirname(sys.executable))
 WAIT_TURNS = 300  # x 0.1 s: a bound on waiting, not a timing assertion
 EXIT_WAIT_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASLEDGER_")}
-    env.update(extra)
-    return env
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,18 +18,11 @@ from pathlib import Path
 import pytest
 
 from casledger.service.client import LedgerCallError, connect, precondition
+from tests.support.processes import CASLEDGER, free_port
 
 pytestmark = pytest.mark.e2e
 
-CASLEDGER = shutil.which("casledger", path=os.path.dirname(sys.executable))
 WAIT_S = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_env() -> dict[str, str]:

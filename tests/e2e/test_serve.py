@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -23,29 +21,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.api.casledger.v1 import ledger_pb2_grpc as pb_grpc
+from tests.support.processes import CASLEDGER, clean_env, free_port
 
 pytestmark = pytest.mark.e2e
 
-CASLEDGER = shutil.which("casledger", path=os.path.dirname(sys.executable))
 # Bounds on waiting for a process, so a hang fails the test instead of stalling the run; they
 # are generous on purpose and nothing is asserted about how long anything takes.
 STARTUP_TURNS = 300  # x 0.1 s
 EXIT_WAIT_S = 30
 CALL_TIMEOUT_S = 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any CASLEDGER_* setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASLEDGER_")}
-    env.update(extra)
-    return env
 
 
 @dataclass

@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.processes import CASLEDGER, free_port, wait_http_ready
+
 pytestmark = pytest.mark.e2e
 
-CASLEDGER = shutil.which("casledger", path=os.path.dirname(sys.executable))
 CURL = shutil.which("curl")
 WAIT_TURNS = 300  # x 0.1 s: a bound on waiting, not a timing assertion
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def children_of(pid: int) -> list[int]:
@@ -72,16 +64,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
     served = Served(proc, http_port, grpc_port, stderr)
     try:
-        for _ in range(WAIT_TURNS):
-            assert proc.poll() is None, stderr.read_text()
-            try:
-                if httpx.get(f"{served.base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"the bridge never became ready:\n{stderr.read_text()}")
+        wait_http_ready(proc, served.base, stderr)
         yield served
     finally:
         if proc.poll() is None:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,9 +38,25 @@ def free_port() -> int:
         return port
 
 
-def clean_env() -> dict[str, str]:
-    """This environment without any CASLEDGER_* setting."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("CASLEDGER_")}
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any CASLEDGER_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASLEDGER_")}
+    env.update(extra)
+    return env
+
+
+def wait_http_ready(proc: subprocess.Popen[bytes], base_url: str, stderr: Path) -> None:
+    """Wait (synchronously) until `proc`'s bridge answers GET /readyz with 200; fail the test
+    with its stderr if it exits or never gets there."""
+    for _ in range(WAIT_TURNS):
+        assert proc.poll() is None, stderr.read_text()
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"the bridge never became ready:\n{stderr.read_text()}")
 
 
 def children_of(pid: int) -> list[int]:
