@@ -74,6 +74,8 @@ class BridgeSettings:
     batch_calls: bool = True
     read_cache_entries: int = 10_000
     read_cache_bytes: int = 64 << 20
+    # Seconds without a read the cache can serve before its watch pauses; 0: never.
+    read_cache_idle_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("target", "http_listen"):
@@ -93,6 +95,8 @@ class BridgeSettings:
             raise ValueError("--target-tls-name needs --target-tls-ca")
         if self.read_cache_entries < 1 or self.read_cache_bytes < 1:
             raise ValueError("read_cache_entries and read_cache_bytes must be at least 1")
+        if not 0 <= self.read_cache_idle_s <= 86_400:
+            raise ValueError("read_cache_idle_s must be between 0 (never pause) and 86400")
 
     @property
     def read_cache_wait_s(self) -> float:
@@ -547,7 +551,7 @@ def create_app(settings: BridgeSettings | None = None) -> Starlette:
             async with open_read_cache(
                 client, max_entries=settings.read_cache_entries,
                 max_bytes=settings.read_cache_bytes, wait_s=settings.read_cache_wait_s,
-                metrics=metrics,
+                idle_s=settings.read_cache_idle_s or None, metrics=metrics,
             ) as reads:
                 yield {"ledger": client, "settings": settings, "reads": reads}
 

@@ -50,8 +50,8 @@ PRECONDITION_STATUSES = frozenset({304, 412, 428})
 _OWN_REASONS = frozenset({"NOT_MODIFIED", "VERSION_MISMATCH", "ALREADY_EXISTS"})
 READ_OUTCOMES = ("hit", "miss", "fallback")
 # Why a read went to the service without the cache (readindex.py, ReadCache.get).
-FALLBACK_REASONS = ("authorization", "not_following", "read_index_failed", "wait_timeout",
-                    "lagging")
+FALLBACK_REASONS = ("authorization", "paused", "not_following", "read_index_failed",
+                    "wait_timeout", "lagging")
 
 
 class BridgeMetrics:
@@ -84,7 +84,8 @@ class BridgeMetrics:
             "cached), fallback (GetResource alone)", ("outcome",), registry=r)
         self.read_cache_fallbacks = Counter(
             "casledger_http_read_cache_fallbacks", "Reads answered by GetResource without the "
-            "cache, by why: authorization (the request carries credentials), not_following "
+            "cache, by why: authorization (the request carries credentials), paused (no read "
+            "came for a while: the watch was stopped; this read restarts it), not_following "
             "(the cache's watch is down), read_index_failed (GetRevision failed), wait_timeout "
             "(the cache did not catch up in time), lagging (it has not yet, since)",
             ("reason",), registry=r)

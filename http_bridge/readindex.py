@@ -18,6 +18,10 @@ every write acknowledged before it arrived), the way etcd serves reads:
   read waits until the cache has applied R (at most ``wait_s``), then answers from the cache —
   or, for a name not in it, with an ordinary GetResource whose answer (NOT_FOUND too) joins the
   cache unless the watch has brought something newer meanwhile.
+- **Pause when nobody reads.** Keeping the cache current costs both processes one streamed
+  message per write. After ``idle_s`` without a read the cache can serve, it stops its watch and
+  forgets what it held; the next such read goes to the service and starts the watch again (from
+  the revision GetRevision gives then, the cache empty). ``idle_s`` None: never pause.
 - **Fallback.** Whenever the cache cannot answer for sure, the read is an ordinary GetResource,
   exactly as without a cache: the watch not established or broken (it reconnects with backoff,
   resuming from applied + 1; a gap in what it receives clears the cache), GetRevision failed or
@@ -138,6 +142,12 @@ class HeadCache:
             return None
         self._heads.move_to_end(name)
         return found[0]
+
+    def forget(self) -> None:
+        """Forget everything, the revision too: the next watch starts from where the ledger is
+        then (its GetRevision), as when the bridge started."""
+        self.reset(0)
+        self.synced = False
 
     def reset(self, revision: int) -> None:
         """Forget everything: the cache now stands at `revision`, empty. Answers of fetches in
@@ -277,17 +287,23 @@ class ReadCache:
     cache, and the fallback to an ordinary GetResource."""
 
     def __init__(self, client: LedgerClient, *, max_entries: int, max_bytes: int,
-                 wait_s: float, metrics: BridgeMetrics | None = None) -> None:
+                 wait_s: float, idle_s: float | None = None,
+                 metrics: BridgeMetrics | None = None) -> None:
         self.heads = HeadCache(max_entries=max_entries, max_bytes=max_bytes)
         self.following = False
+        self.paused = False
         self._client = client
         self._wait_s = wait_s
+        self._idle_s = idle_s
+        self._last_read = 0.0
+        self._running = False
         self._metrics = metrics
         self.index = ReadIndex(self._read_index)
         self._waiters: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._order = itertools.count()
         self._behind = 0  # the revision of the last read that waited in vain
         self._follower: asyncio.Task[None] | None = None
+        self._idler: asyncio.Task[None] | None = None
         self._stream: WatchStream | None = None
 
     # --- reads -----------------------------------------------------------------------------
@@ -297,8 +313,12 @@ class ReadCache:
         this call and its return (NOT_FOUND included); `fetch` is that GetResource."""
         if credentials:
             return await self._fallback("authorization", fetch)
+        self._last_read = asyncio.get_running_loop().time()
         if not self.following:
-            return await self._fallback("not_following", fetch)
+            reason = "paused" if self.paused else "not_following"
+            if self.paused and self._idler is None and self._running:
+                self._resume()
+            return await self._fallback(reason, fetch)
         if self.heads.applied < self._behind:
             # A read waited for the watch in vain: until it has caught up with that read's
             # revision, do not make every read wait as long.
@@ -375,10 +395,49 @@ class ReadCache:
     # --- the watch ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._running = True
+        self._resume()
+
+    def _resume(self) -> None:
+        """Start following (again): the watch, and the timer that pauses it when idle."""
+        self.paused = False
+        self._last_read = asyncio.get_running_loop().time()
         self._follower = asyncio.create_task(self._follow(), context=contextvars.Context())
+        if self._idle_s is not None:
+            self._idler = asyncio.create_task(self._pause_when_idle(),
+                                              context=contextvars.Context())
 
     async def stop(self) -> None:
-        follower, self._follower = self._follower, None
+        self._running = False
+        idler, self._idler = self._idler, None
+        if idler is not None:
+            idler.cancel()
+            with suppress(asyncio.CancelledError):
+                await idler
+        await self._end_follower()
+        await self.index.close()
+        self._down()
+
+    async def _pause_when_idle(self) -> None:
+        """Once no read has come for `idle_s`, stop the watch and forget the cache."""
+        assert self._idle_s is not None
+        loop = asyncio.get_running_loop()
+        try:
+            # A timer, not an event: reads only move the deadline, which is checked when due.
+            while (left := self._last_read + self._idle_s - loop.time()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(left)
+            self.paused = True  # from here, reads fall back without restarting the watch
+            await self._end_follower()
+            self.heads.forget()
+            log.info("read cache: no read for %g s; watch paused until the next read",
+                     self._idle_s)
+        finally:
+            self._idler = None
+
+    async def _end_follower(self) -> None:
+        """Stop the watch and wait until its task has ended. The task stays in `_follower`
+        until then, so that whoever comes next (a cancelled pause, then stop) finishes it."""
+        follower = self._follower
         # Again until it ends: Python 3.11's wait_for (in open_watch) can swallow a
         # cancellation that lands as the watch is accepted.
         while follower is not None and not follower.done():
@@ -386,7 +445,8 @@ class ReadCache:
             if self._stream is not None:
                 self._stream.close()
             await asyncio.wait({follower}, timeout=0.1)
-        await self.index.close()
+        if self._follower is follower:
+            self._follower = None
         self._down()
 
     def _down(self) -> None:
@@ -457,11 +517,11 @@ class ReadCache:
 
 @asynccontextmanager
 async def open_read_cache(client: LedgerClient, *, max_entries: int, max_bytes: int,
-                          wait_s: float, metrics: BridgeMetrics | None = None
-                          ) -> AsyncIterator[ReadCache]:
+                          wait_s: float, idle_s: float | None = None,
+                          metrics: BridgeMetrics | None = None) -> AsyncIterator[ReadCache]:
     """A read cache following the ledger through `client` until the block ends."""
     cache = ReadCache(client, max_entries=max_entries, max_bytes=max_bytes, wait_s=wait_s,
-                      metrics=metrics)
+                      idle_s=idle_s, metrics=metrics)
     if metrics is not None:
         metrics.track_read_cache(
             entries=lambda: len(cache.heads), size=lambda: cache.heads.bytes,

@@ -79,11 +79,14 @@ _HELP = {
                    "unary call per request (default on)",
     "read_cache_entries": "resource heads the read cache keeps at most (default 10000)",
     "read_cache_bytes": "bytes the read cache keeps at most (default 67108864)",
+    "read_cache_idle_s": "seconds without a read the cache can serve before its Watch pauses "
+                         "(the next such read restarts it); 0: never pause (default 2)",
 }
 # Bridge settings `serve` takes too (it derives `target` from its own gRPC port).
 _SERVE_BRIDGE_FIELDS = ("max_body_bytes", "call_timeout_s", "cors_allow_origins", "heartbeat_s",
                         "http_tls_cert", "http_tls_key", "target_tls_ca", "target_tls_name",
-                        "read_cache", "read_cache_entries", "read_cache_bytes", "batch_calls")
+                        "read_cache", "read_cache_entries", "read_cache_bytes", "read_cache_idle_s",
+                        "batch_calls")
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls: type[Any],
@@ -289,6 +292,7 @@ def bridge_command(bridge: BridgeSettings, log_level: str, log_format: str = "au
                "--read-cache" if bridge.read_cache else "--no-read-cache",
                "--read-cache-entries", str(bridge.read_cache_entries),
                "--read-cache-bytes", str(bridge.read_cache_bytes),
+               "--read-cache-idle-s", str(bridge.read_cache_idle_s),
                "--batch-calls" if bridge.batch_calls else "--no-batch-calls"]
     for origin in bridge.cors_allow_origins:
         command += ["--cors-allow-origin", origin]

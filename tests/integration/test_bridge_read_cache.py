@@ -279,8 +279,9 @@ async def test_reads_go_to_the_service_while_the_watch_is_down(
 ) -> None:
     port = closed_port()
     fixed = settings.replace(grpc_listen=f"127.0.0.1:{port}")
-    async with make_bridge(BridgeSettings(target=f"127.0.0.1:{port}",
-                                          call_timeout_s=2)) as http:
+    # Never paused for want of reads: the waits below for the watch make no reads.
+    async with make_bridge(BridgeSettings(target=f"127.0.0.1:{port}", call_timeout_s=2,
+                                          read_cache_idle_s=0)) as http:
         async with serve(fixed) as running, connect(running.target) as client:
             await following(http)
             created = await client.create("documents", b'{"v": 1}', resource_id="a")
@@ -310,6 +311,34 @@ async def test_reads_go_to_the_service_while_the_watch_is_down(
 
     assert first.content == second.content == b'{"v": 2}'
     assert hits >= 2  # the cache resumed where it stopped
+
+
+async def test_the_watch_pauses_without_reads_and_the_next_read_sees_every_write(
+    server: RunningServer, client: LedgerClient, make_bridge: BridgeFactory,
+) -> None:
+    async with make_bridge(BridgeSettings(target=server.target,
+                                          read_cache_idle_s=0.3)) as http:
+        await following(http)
+        created = await client.create("documents", b'{"v": 1}', resource_id="a")
+        assert (await http.get("/v1/documents/a")).status_code == 200
+        await following(http, up=False)  # no read for 0.3 s: the watch is stopped
+        async def watch_ended() -> bool:  # ... and the service saw the call end
+            return calls(server, "casledger.v1.Ledger/Watch", "CANCELLED") == 1
+        await until(watch_ended)
+        # Written while nothing streams to the bridge.
+        await client.replace("documents/a", b'{"v": 2}',
+                             precondition=precondition(etag=created.etag))
+
+        first = await http.get("/v1/documents/a")
+        assert first.content == b'{"v": 2}'
+        assert await fallbacks(http, "paused") == 1
+        await following(http)  # that read started the watch again
+        # The cache starts empty: a miss (GetResource), then a hit.
+        later = [await http.get("/v1/documents/a") for _ in range(2)]
+        counts = [await reads(http, outcome) for outcome in ("hit", "miss", "fallback")]
+
+    assert [r.content for r in later] == [b'{"v": 2}'] * 2
+    assert counts == [2, 1, 1]
 
 
 async def test_requests_with_credentials_bypass_the_cache(

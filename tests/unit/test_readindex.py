@@ -11,6 +11,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from casledger.http_bridge.metrics import BridgeMetrics
 from casledger.http_bridge.readindex import (
     Absent,
     HeadCache,
@@ -531,6 +532,78 @@ async def test_a_refused_cache_never_serves() -> None:
         await reads.stop()
 
 
+async def test_the_watch_pauses_when_nobody_reads_and_the_next_read_restarts_it() -> None:
+    ledger = FakeLedger(revision=0)
+    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
+                      idle_s=0.05)
+    reads.start()
+    try:
+        await until(lambda: reads.following)
+        ledger.commit(res("c/a", 1, 1))
+        await until(lambda: reads.heads.applied == 1)
+        await until(lambda: reads.paused and not reads.following)
+        assert len(reads.heads) == 0  # forgotten ...
+        assert not reads.heads.synced  # ... the revision too
+        # Written while paused: nothing streams it to the bridge.
+        ledger.revision_value = 5
+
+        # The first read goes to the service and restarts the watch from where the ledger is.
+        fetch = Fetches(res("c/a", 2, 5))
+        metrics = BridgeMetrics()
+        reads._metrics = metrics
+        assert await reads.get("c/a", fetch) == res("c/a", 2, 5)
+        assert fetch.calls == 1
+        assert metrics.read_cache_fallbacks.labels("paused")._value.get() == 1
+        await until(lambda: reads.following)
+        assert not reads.paused
+        assert [start for start, _ in ledger.watches] == [1, 6]
+        assert reads.heads.applied == 5
+        ledger.commit(res("c/b", 1, 6))
+        assert await reads.get("c/b", fetch) == res("c/b", 1, 6)
+        assert fetch.calls == 1  # from the cache again
+    finally:
+        await reads.stop()
+
+
+async def test_reads_keep_the_watch_up() -> None:
+    ledger = FakeLedger(revision=0)
+    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
+                      idle_s=0.1)
+    reads.start()
+    try:
+        await until(lambda: reads.following)
+        ledger.commit(res("c/a", 1, 1))
+        fetch = Fetches(LedgerCallError(grpc.StatusCode.UNAVAILABLE, "not called"))
+        for _ in range(8):  # 0.24 s of reads, each within the idle time of the one before
+            assert await reads.get("c/a", fetch) == res("c/a", 1, 1)
+            await asyncio.sleep(0.03)
+
+        assert reads.following
+        assert not reads.paused
+        assert len(ledger.watches) == 1
+        assert fetch.calls == 0
+    finally:
+        await reads.stop()
+
+
+@pytest.mark.parametrize("idle_s", [None, 0.02])
+async def test_stop_ends_a_paused_or_following_cache(idle_s: float | None) -> None:
+    ledger = FakeLedger(revision=0)
+    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
+                      idle_s=idle_s)
+    reads.start()
+    await until(lambda: reads.following)
+    await asyncio.sleep(0.1)
+    assert reads.paused is (idle_s is not None)
+
+    await reads.stop()
+    fetch = Fetches(res("c/a", 1, 1))
+    assert await reads.get("c/a", fetch) == res("c/a", 1, 1)
+    await settle()
+    assert not reads.following  # a stopped cache stays stopped
+    assert len(ledger.watches) == 1
+
+
 # --- settings --------------------------------------------------------------------------------
 
 
@@ -540,12 +613,13 @@ def test_the_read_cache_settings_reach_the_bridge_process(on: bool) -> None:
     from casledger.service import cli
     from casledger.service.config import load
 
-    given = BridgeSettings(read_cache=on, read_cache_entries=7, read_cache_bytes=4096)
+    given = BridgeSettings(read_cache=on, read_cache_entries=7, read_cache_bytes=4096,
+                           read_cache_idle_s=0.5)
     args = cli.build_parser().parse_args(["bridge", *cli.bridge_command(given, "info")[3:]])
     bridge = load(BridgeSettings, {}, **cli._given(args, BridgeSettings))
 
-    assert (bridge.read_cache, bridge.read_cache_entries, bridge.read_cache_bytes) == (
-        on, 7, 4096)
+    assert (bridge.read_cache, bridge.read_cache_entries, bridge.read_cache_bytes,
+            bridge.read_cache_idle_s) == (on, 7, 4096, 0.5)
 
 
 def test_the_read_cache_is_on_unless_turned_off() -> None:
@@ -565,3 +639,8 @@ def test_the_read_cache_is_on_unless_turned_off() -> None:
     assert serve.read_cache is False
     with pytest.raises(ValueError, match="read_cache_entries"):
         BridgeSettings(read_cache_entries=0)
+    assert settings([], {}).read_cache_idle_s == 2.0
+    assert settings([], {"CASLEDGER_READ_CACHE_IDLE_S": "0"}).read_cache_idle_s == 0.0
+    for bad in (-1.0, float("nan"), 1e9):
+        with pytest.raises(ValueError, match="read_cache_idle_s"):
+            BridgeSettings(read_cache_idle_s=bad)
