@@ -37,7 +37,7 @@ import aiosqlite
 from .. import errors
 from ..model import EMPTY_TAIL, Head, Tail, Version, Write, parent_of, plan_write
 from ..watch import WatchHub
-from . import Durability, ShieldedWrites, StoreOptions, requested_version
+from . import Durability, StoreOptions, requested_version
 
 SCHEMA_VERSION = 1
 PURGE_EVERY = 1000
@@ -165,23 +165,25 @@ class SQLiteStore:
         self._heads: OrderedDict[str, Head] = OrderedDict()
         self._queue: deque[tuple[Write, asyncio.Future[Version]]] = deque()
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set: nothing queued, no batch committing
+        self._idle.set()
         self._writes = 0
-        self._shielded = ShieldedWrites()
 
     # --- writes --------------------------------------------------------------------------------
 
     async def write(self, write: Write) -> Version:
-        return await self._shielded.run(self._queued(write))
-
-    async def drain(self) -> None:
-        """Wait for every write already started, those whose callers went away included."""
-        await self._shielded.drain()
-
-    async def _queued(self, write: Write) -> Version:
+        # Shielded by construction: once queued, a write is committed whether or not its
+        # caller still waits (a cancelled caller cancels only `outcome`, which is then left
+        # unanswered), so a cancellation never leaves a transaction half done.
         outcome: asyncio.Future[Version] = asyncio.get_running_loop().create_future()
         self._queue.append((write, outcome))
+        self._idle.clear()
         self._wake.set()
         return await outcome
+
+    async def drain(self) -> None:
+        """Wait for every write already queued, those whose callers went away included."""
+        await self._idle.wait()
 
     async def run_writer(self) -> None:
         """The one task that commits: it takes every write queued meanwhile (up to a batch) and
@@ -210,6 +212,7 @@ class SQLiteStore:
                         future.set_result(outcome)
                     else:
                         future.set_exception(outcome)
+            self._idle.set()
 
     def _take_batch(self) -> list[tuple[Write, asyncio.Future[Version]]]:
         batch: list[tuple[Write, asyncio.Future[Version]]] = []
