@@ -34,7 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-RESULTS = Path(__file__).parent / "results"
+# Where results go: bench/results, or CASLEDGER_BENCH_RESULTS (the smoke tests use a tmp dir).
+RESULTS = Path(os.environ.get("CASLEDGER_BENCH_RESULTS") or Path(__file__).parent / "results")
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 
