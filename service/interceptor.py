@@ -6,7 +6,8 @@
    request's; another caller may send its own) or makes one, and sets it in
    :data:`casledger.service.logs.request_id` for every line logged while serving the call;
 2. admits the call through a :class:`~casledger.service.limits.Gate` — unary calls of the Ledger
-   service through one, its Watch streams through another — or refuses it at once with
+   service through one (a Batch takes a slot per operation: it is that many calls' work), its
+   Watch streams through another — or refuses it at once with
    RESOURCE_EXHAUSTED, reason OVERLOADED and ``retry_after_s`` (health checks and reflection are
    not limited: they must answer while the service is busy);
 3. records its status code (and the ErrorInfo reason of a refusal) and duration in
@@ -29,6 +30,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from . import errors, logs
+from .api.casledger.v1 import ledger_pb2 as pb
 from .limits import RETRY_AFTER_S, Gate
 from .metrics import ServiceMetrics
 from .servicer import peer_of, to_status
@@ -102,6 +104,7 @@ class _Call:
         self.peer = ""
         self.started = 0.0
         self.slot: Gate | None = None
+        self.units = 1
         self.finished = False
 
     def unary(self, behavior: Callable[[Any, Context], Awaitable[Any]], gate: Gate | None
@@ -110,7 +113,7 @@ class _Call:
             token = self._begin(context)
             observed = _ObservedContext(context, self)
             try:
-                await self._admit(gate, observed)
+                await self._admit(gate, observed, _units(request))
                 response = await behavior(request, observed)
                 self.finish(_code(context), "")
                 return response
@@ -153,15 +156,17 @@ class _Call:
         self.peer = peer_of(context)
         return logs.request_id.set(self.request_id)
 
-    async def _admit(self, gate: Gate | None, context: _ObservedContext) -> None:
-        """Take a slot of `gate` (none to take: None), or refuse the call (raising)."""
+    async def _admit(self, gate: Gate | None, context: _ObservedContext, units: int = 1) -> None:
+        """Take `units` slots of `gate` (none to take: None), or refuse the call (raising)."""
         if gate is None:
             return
-        if gate.try_enter():
-            self.slot = gate
+        if gate.try_enter(units):
+            self.slot, self.units = gate, units
             return
         self.interceptor.metrics.shed.labels(self.rpc).inc()
         what = "Watch streams" if gate is self.interceptor.streams else "calls"
+        if units > 1:
+            what += f" (a Batch takes one per operation: this one {gate.weight(units)})"
         await context.abort_with_status(to_status(errors.Overloaded(
             limit=gate.limit, what=what, retry_after_s=RETRY_AFTER_S)))
         raise AssertionError("abort_with_status returns only by raising")
@@ -172,7 +177,7 @@ class _Call:
             return
         self.finished = True
         if self.slot is not None:
-            self.slot.leave()
+            self.slot.leave(self.units)
         self.interceptor.record(self.rpc, code, reason, time.perf_counter() - self.started,
                                 self.peer, self.request_id)
 
@@ -196,6 +201,11 @@ class _ObservedContext:
     async def abort_with_status(self, status: grpc.Status) -> None:
         self._call.finish(status.code, _reason(status.trailing_metadata))
         await self._context.abort_with_status(status)
+
+
+def _units(request: Any) -> int:
+    """The slots a unary call takes: one, or a Batch's number of operations."""
+    return len(request.operations) if isinstance(request, pb.BatchRequest) else 1
 
 
 def _code(context: Context) -> grpc.StatusCode:

@@ -25,17 +25,24 @@ class Gate:
         self.limit = limit
         self.in_flight = 0
 
-    def try_enter(self) -> bool:
-        """Take a slot and return True, or return False at once when all are taken."""
-        if self.in_flight >= self.limit:
+    def try_enter(self, units: int = 1) -> bool:
+        """Take `units` slots and return True, or return False at once when they are not all
+        free. Work larger than the whole limit is admitted only alone (as `limit` units)."""
+        units = self.weight(units)
+        if self.in_flight + units > self.limit:
             return False
-        self.in_flight += 1
+        self.in_flight += units
         return True
 
-    def leave(self) -> None:
-        if self.in_flight <= 0:
+    def leave(self, units: int = 1) -> None:
+        units = self.weight(units)
+        if self.in_flight < units:
             raise RuntimeError("Gate.leave() without a matching try_enter()")
-        self.in_flight -= 1
+        self.in_flight -= units
+
+    def weight(self, units: int) -> int:
+        """The slots `units` of work take: at least 1, at most the limit."""
+        return max(1, min(units, self.limit))
 
 
 def backstop(max_in_flight: int, max_watchers: int) -> int:

@@ -7,7 +7,8 @@ compare-and-swap refusal.
 
     casledger_grpc_requests_total{rpc, code}          calls finished, by method and status code
     casledger_grpc_request_duration_seconds{rpc}      latency (a Watch: how long it stayed open)
-    casledger_grpc_in_flight                          unary calls being served
+    casledger_grpc_in_flight                          unary calls being served (a Batch: one
+                                                      per operation)
     casledger_grpc_watch_streams                      Watch streams admitted
     casledger_grpc_shed_total{rpc}                    calls refused as OVERLOADED
     casledger_cas_conflicts_total{reason}             writes refused: VERSION_MISMATCH,
@@ -52,8 +53,8 @@ class ServiceMetrics:
         self.latency = Histogram("casledger_grpc_request_duration_seconds", "Time from the start "
                                  "of a gRPC call to its status (a Watch: how long it was open)",
                                  ("rpc",), buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("casledger_grpc_in_flight", "Unary gRPC calls being served",
-                               registry=r)
+        self.in_flight = Gauge("casledger_grpc_in_flight", "Unary gRPC calls being served (a "
+                               "Batch counts one per operation)", registry=r)
         self.watch_streams = Gauge("casledger_grpc_watch_streams", "Watch streams admitted",
                                    registry=r)
         self.shed = Counter("casledger_grpc_shed", "gRPC calls refused as OVERLOADED (the "

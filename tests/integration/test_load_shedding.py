@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 
 from casledger.http_bridge import sse
 from casledger.http_bridge.app import BridgeSettings, create_app
+from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.client import LedgerCallError, connect, precondition
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
@@ -116,6 +117,38 @@ async def test_service_refuses_past_max_in_flight_at_once_then_recovers(
                  rpc="casledger.v1.Ledger/CreateResource") == 1
     assert gauge(tight_server, "casledger_grpc_requests_total",
                  rpc="casledger.v1.Ledger/GetResource", code="RESOURCE_EXHAUSTED") == 1
+
+
+@pytest.mark.sqlite_only
+async def test_a_batch_takes_a_slot_per_operation(tight_server: RunningServer) -> None:
+    def creates(*ids: str) -> list[pb.BatchOperation]:
+        return [pb.BatchOperation(create=pb.CreateResourceRequest(
+            parent="documents", resource_id=i, content=b"{}")) for i in ids]
+
+    async with connect(tight_server.target) as client:
+        async with write_lock_held(tight_server):
+            held = asyncio.create_task(client.create("documents", b"{}", resource_id="r0"))
+            await until(lambda: gauge(tight_server, "casledger_grpc_in_flight") == 1)
+            # One slot left: a Batch of two operations is two calls' work, refused whole.
+            with pytest.raises(LedgerCallError) as refused:
+                await client.batch(creates("b1", "b2"))
+            one = asyncio.create_task(client.batch(creates("b3")))
+            await until(lambda: gauge(tight_server, "casledger_grpc_in_flight") == 2)
+            assert not held.done()
+            assert not one.done()
+        await held
+        [created] = await one
+        # Alone, a Batch larger than the whole bound is admitted.
+        large = await client.batch(creates("b4", "b5", "b6"))
+        with pytest.raises(LedgerCallError) as absent:
+            await client.get("documents/b1")
+
+    check_overloaded(refused.value)
+    assert "a Batch takes one per operation: this one 2" in refused.value.message
+    assert isinstance(created, pb.Resource)
+    assert [r.version for r in large if isinstance(r, pb.Resource)] == [1, 1, 1]
+    assert absent.value.reason == "NOT_FOUND"  # the refused Batch wrote nothing
+    assert gauge(tight_server, "casledger_grpc_in_flight") == 0
 
 
 async def test_service_refuses_a_watch_past_max_watchers(tight_server: RunningServer) -> None:

@@ -101,3 +101,22 @@ def test_uvicorn_backstop_sits_above_the_bridges_own_bounds() -> None:
     assert config.limit_concurrency is not None
     assert config.limit_concurrency > 10 + 20
     assert config.log_config is None  # uvicorn's lines go through casledger's format
+
+
+def test_gate_admits_work_by_its_units_and_oversized_work_only_alone() -> None:
+    gate = Gate(4)
+
+    assert gate.try_enter(3)
+    assert not gate.try_enter(2)  # 3 + 2 > 4: refused whole, nothing taken
+    assert gate.in_flight == 3
+    assert gate.try_enter()
+    gate.leave(3)
+    assert not gate.try_enter(10)  # larger than the limit: only alone
+    gate.leave()
+    assert gate.try_enter(10)
+    assert gate.in_flight == 4
+    assert not gate.try_enter()
+    gate.leave(10)
+    assert gate.in_flight == 0
+    assert gate.try_enter(0)  # an empty Batch still takes a slot
+    assert gate.in_flight == 1
