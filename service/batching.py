@@ -21,6 +21,11 @@ CreateResource, UpdateResource, DeleteResource) are carried in ``Batch`` calls:
 
 A failure of the ``Batch`` call itself (UNAVAILABLE, a deadline) is every operation's failure,
 as it would have been for each unary call.
+
+Each call keeps its own deadline, ``call_timeout`` from when it was made, however long it waited
+in the queue: a ``Batch`` call's deadline is the latest of its calls', and a call whose deadline
+passes first fails then with DEADLINE_EXCEEDED, as its unary call would have (like that one, its
+operation may still have been applied).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class _Call:
     size: int
     call_id: str
     outcome: asyncio.Future[pb.Resource]
+    deadline: float  # loop time
 
 
 @dataclass(slots=True)
@@ -86,14 +92,20 @@ class BatchingClient(LedgerClient):
         queue = self._queues.get(identity)
         if queue is None:
             queue = self._queues[identity] = _Queue()
-        outcome: asyncio.Future[pb.Resource] = asyncio.get_running_loop().create_future()
-        queue.calls.append(_Call(method, request, size, call_id, outcome))
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[pb.Resource] = loop.create_future()
+        call = _Call(method, request, size, call_id, outcome, loop.time() + self.call_timeout)
+        queue.calls.append(call)
         if queue.in_flight < self.max_calls:
             queue.in_flight += 1
             runner = asyncio.create_task(self._run(identity, queue))
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
-        response = await outcome
+        timer = loop.call_at(call.deadline, _expire, outcome)
+        try:
+            response = await outcome
+        finally:
+            timer.cancel()
         assert isinstance(response, returns)
         return response
 
@@ -127,7 +139,9 @@ class BatchingClient(LedgerClient):
         self.batches += 1
         self.batched_calls += len(calls)
         try:
-            reply = await self.stub.Batch(request, timeout=self.call_timeout, metadata=identity)
+            reply = await self.stub.Batch(
+                request, timeout=_remaining(max(call.deadline for call in calls)),
+                metadata=identity)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._unsupported = True
@@ -158,7 +172,7 @@ class BatchingClient(LedgerClient):
     async def _unary(self, call: _Call, identity: Identity) -> None:
         try:
             response = await getattr(self.stub, call.method)(
-                call.request, timeout=self.call_timeout,
+                call.request, timeout=_remaining(call.deadline),
                 metadata=(*identity, (REQUEST_ID_KEY, call.call_id)) if call.call_id
                 else identity)
         except grpc.aio.AioRpcError as error:
@@ -171,6 +185,18 @@ class BatchingClient(LedgerClient):
         """Wait for the Batch calls in flight (at shutdown, before the channel closes)."""
         while self._runners:
             await asyncio.wait(set(self._runners))
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds to `deadline` (loop time), for a gRPC timeout (which must be positive)."""
+    return max(deadline - asyncio.get_running_loop().time(), 0.001)
+
+
+def _expire(outcome: asyncio.Future[pb.Resource]) -> None:
+    """A call's deadline passed before its Batch answered: it fails as a unary call would."""
+    if not outcome.done():
+        outcome.set_exception(LedgerCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                              "Deadline Exceeded"))
 
 
 def _fail(calls: list[_Call], exc: BaseException) -> None:

@@ -250,3 +250,43 @@ async def test_large_calls_go_unary_and_an_older_service_gets_unary_calls(
     assert [r.version for r in results] == [1, 1, 1]
     assert (await batching.get("documents/o1")).name == "documents/o1"  # unary from now on
     assert batching.batches == 1
+
+
+async def test_each_call_keeps_its_own_deadline_however_long_it_queued(
+        batching: BatchingClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = BatchingClient(batching.channel, call_timeout=5.0, max_calls=1)
+    timeouts: list[float] = []
+    original = ledger.stub.Batch
+    first = asyncio.Event()
+
+    async def slow_first(request: pb.BatchRequest, **kwargs: Any) -> Any:
+        timeouts.append(kwargs["timeout"])
+        if len(timeouts) == 1:
+            first.set()
+            await asyncio.sleep(0.5)  # the second call waits in the queue meanwhile
+        return await original(request, **kwargs)
+
+    monkeypatch.setattr(ledger.stub, "Batch", slow_first)
+    a = asyncio.create_task(ledger.create("documents", b"{}", resource_id="a"))
+    await first.wait()
+    b = asyncio.create_task(ledger.create("documents", b"{}", resource_id="b"))
+    assert [r.version for r in await asyncio.gather(a, b)] == [1, 1]
+
+    # The second Batch call is given what is left of its call's 5 s, not 5 s more.
+    assert timeouts[0] > 4.5
+    assert timeouts[1] < 4.6
+
+
+async def test_a_call_fails_at_its_deadline_even_if_its_batch_has_not_answered(
+        batching: BatchingClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = BatchingClient(batching.channel, call_timeout=0.2)
+
+    async def unanswered(request: pb.BatchRequest, **kwargs: Any) -> Any:
+        await asyncio.sleep(kwargs["timeout"] + 0.5)  # answers after the call's deadline
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), "too late")
+
+    monkeypatch.setattr(ledger.stub, "Batch", unanswered)
+    refused = await unary_error(ledger.get("documents/any"))
+    assert refused.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await ledger.aclose()  # the Batch call ends too; its late failure finds no one waiting
