@@ -514,6 +514,9 @@ def openapi_document() -> dict[str, Any]:
             "resource to get its ETag; send it back on If-Match to write. " + WRITE_RULES +
             " Every error is `application/problem+json` (RFC 9457). " + NAME_RULES,
         },
+        # A token is needed only when the service runs with access control on (the bridge
+        # forwards Authorization and checks nothing itself): either alternative may apply.
+        "security": [{}, {"bearerAuth": []}],
         "paths": {
             "/v1/{collection}/{id}": resource_item(),
             "/v1/{collection}": collection_item(),
@@ -533,5 +536,11 @@ def openapi_document() -> dict[str, Any]:
             "schemas": schemas(),
             "parameters": PARAMETERS,
             "responses": {name: problem_response(s) for s, (name, *_) in PROBLEMS.items()},
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "A token made with `casledger token create`, needed when the "
+                "service runs with access control (`--auth-tokens-file`). The bridge forwards "
+                "the Authorization header to the service, which decides: 401 without a valid "
+                "token, 403 when its scopes or prefixes do not allow the request."}},
         },
     }

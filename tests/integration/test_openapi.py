@@ -237,6 +237,20 @@ def test_the_412_and_428_semantics_are_documented() -> None:
         assert "412" in operation["description"]
 
 
+def test_the_bearer_token_is_documented_optional_with_its_401_and_403() -> None:
+    doc = openapi_document()
+
+    assert doc["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http", "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["bearerAuth"]["description"]}
+    # Optional: only a service with access control asks for it.
+    assert doc["security"] == [{}, {"bearerAuth": []}]
+    for path, method, operation in operations(doc):
+        # OPTIONS is answered by the bridge alone (Allow); everything else asks the service.
+        if path.startswith("/v1") and method != "options":
+            assert {"401", "403"} <= set(operation["responses"]), (path, operation["operationId"])
+
+
 def test_every_exposed_response_header_is_documented() -> None:
     doc = openapi_document()
     documented = {name for _, _, _, response in responses(doc)
