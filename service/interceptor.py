@@ -27,16 +27,15 @@ from contextvars import Token
 from typing import Any, TypeAlias
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from . import errors, logs
 from .api.casledger.v1 import ledger_pb2 as pb
+from .client import LedgerCallError
 from .limits import RETRY_AFTER_S, Gate
 from .metrics import ServiceMetrics
 from .servicer import peer_of, to_status
 
 LIMITED_PREFIX = "/casledger.v1.Ledger/"
-_DETAILS_KEY = "grpc-status-details-bin"
 _SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                             grpc.StatusCode.DATA_LOSS})
 
@@ -224,10 +223,6 @@ def _outcome(context: Context, exc: BaseException) -> tuple[grpc.StatusCode, str
 
 
 def _reason(trailing: Any) -> str:
-    for key, value in trailing or ():
-        if key == _DETAILS_KEY and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.reason)
-    return ""
+    """The ErrorInfo reason in a status's trailing metadata ("" without one), read the way the
+    client reads it."""
+    return LedgerCallError.from_status(grpc.StatusCode.UNKNOWN, "", trailing).reason
