@@ -330,6 +330,97 @@ def create_token(path: str | os.PathLike[str], *, principal: str, scopes: Sequen
     return token
 
 
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What ``casledger token list`` shows of an entry: never more than its hash."""
+
+    digest: str  # the stored SHA-256, hex
+    grant: Grant
+    created: str  # "" when the entry has none
+
+    @property
+    def id(self) -> str:
+        """How the token is named to people: the start of its hash."""
+        return self.digest[:ID_LENGTH]
+
+
+# How much of a hash `token list` shows and `token revoke` takes at least.
+ID_LENGTH = 12
+MIN_ID_LENGTH = 8
+
+
+def list_tokens(path: str | os.PathLike[str]) -> list[TokenInfo]:
+    """The entries of a tokens file, in file order (the file is checked as the service checks
+    it first: a file the service would refuse is refused here too)."""
+    file = Path(path)
+    table, _ = read_tokens(file)
+    raw = tomllib.loads(file.read_text(encoding="utf-8")).get("tokens", [])
+    return [TokenInfo(digest.hex(), grant, str(entry.get("created", "")))
+            for (digest, grant), entry in zip(table.entries, raw, strict=True)]
+
+
+def revoke_token(path: str | os.PathLike[str], token_id: str) -> TokenInfo:
+    """Remove from the tokens file the one entry whose hash starts with `token_id` (at least
+    MIN_ID_LENGTH hex digits; ``sha256:`` may lead) and return it. The file is replaced whole
+    (same mode, by rename), so a running service reads either the old file or the new one,
+    never half of it; it stops accepting the token when it next reads the file (within a
+    second). Only entries written as ``[[tokens]]`` tables can be removed this way."""
+    file = Path(path)
+    wanted = token_id.strip().lower().removeprefix(HASH_SCHEME)
+    if len(wanted) < MIN_ID_LENGTH or not re.fullmatch(r"[0-9a-f]+", wanted):
+        raise ValueError(f"a token id is at least {MIN_ID_LENGTH} hex digits of its hash (as "
+                         f"`casledger token list` shows), not {token_id!r}")
+    tokens = list_tokens(file)
+    found = [info for info in tokens if info.digest.startswith(wanted)]
+    if not found:
+        raise ValueError(f"no token in {file} has a hash starting with {wanted}")
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} tokens in {file} have a hash starting with {wanted}: "
+                         "give more of it")
+    [info] = found
+    text = file.read_text(encoding="utf-8")
+    kept = [block for block in _blocks(text)
+            if not _block_hash(block).removeprefix(HASH_SCHEME).startswith(wanted)]
+    new_text = "".join(kept)
+    remaining = parse_tokens(new_text, str(file))
+    if len(remaining) != len(tokens) - 1 or any(
+            digest.hex() == info.digest for digest, _ in remaining.entries):
+        raise ValueError(f"the entry of token {info.id} in {file} is not a [[tokens]] table of "
+                         "its own: remove it by hand")
+    mode = stat.S_IMODE(file.stat().st_mode)
+    temporary = file.with_name(f".{file.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(new_text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, file)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return info
+
+
+def _blocks(text: str) -> list[str]:
+    """The file cut before each ``[[tokens]]`` line: the header, then one block per table."""
+    blocks = [""]
+    for line in text.splitlines(keepends=True):
+        if line.strip() == "[[tokens]]":
+            blocks.append("")
+        blocks[-1] += line
+    return blocks
+
+
+def _block_hash(block: str) -> str:
+    """The hash of the one [[tokens]] table `block` holds ("" for the header)."""
+    if block.lstrip().startswith("[[tokens]]"):
+        tokens = tomllib.loads(block).get("tokens", [])
+        if len(tokens) == 1 and isinstance(tokens[0].get("hash"), str):
+            return str(tokens[0]["hash"])
+    return ""
+
+
 # --- calls ---------------------------------------------------------------------------------
 
 

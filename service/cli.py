@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -153,9 +154,49 @@ def _add_token_commands(commands: Any) -> None:
     create.add_argument("--prefix", action="append", default=[], dest="prefixes",
                         metavar="PREFIX", help="limit the token to names under this "
                         "whole-segment prefix; repeatable (default: the whole ledger)")
+    listing = actions.add_parser(
+        "list", help="show the tokens in the tokens file (never the tokens themselves)",
+        description="Show each entry of the tokens file: the start of its hash (its id), "
+                    "principal, scopes, prefixes and creation time.")
+    listing.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    revoke = actions.add_parser(
+        "revoke", help="remove a token from the tokens file",
+        description="Remove the entry whose hash starts with ID (as `casledger token list` "
+                    "shows it) from the tokens file. A running service stops accepting the "
+                    "token within a second, when it reads the file again.")
+    revoke.add_argument("id", metavar="ID", help="the token's id: at least 8 hex digits of "
+                        "its hash")
     env_file = os.environ.get(env_name("auth_tokens_file"))
-    create.add_argument("--file", default=env_file, required=not env_file, metavar="PATH",
-                        help=f"the tokens file [env {env_name('auth_tokens_file')}]")
+    for action in (create, listing, revoke):
+        action.add_argument("--file", default=env_file, required=not env_file, metavar="PATH",
+                            help=f"the tokens file [env {env_name('auth_tokens_file')}]")
+
+
+def run_token(args: argparse.Namespace) -> int:
+    if args.token_command == "create":
+        return run_token_create(args)
+    try:
+        if args.token_command == "list":
+            tokens = auth.list_tokens(args.file)
+            if args.json:
+                print(json.dumps([{"id": t.id, "hash": auth.HASH_SCHEME + t.digest,
+                                   "principal": t.grant.principal,
+                                   "scopes": sorted(t.grant.scopes),
+                                   "prefixes": list(t.grant.prefixes),
+                                   "created": t.created or None} for t in tokens], indent=2))
+            else:
+                for t in tokens:
+                    print(f"{t.id}  {t.grant.describe()}"
+                          + (f"  created {t.created}" if t.created else ""))
+                print(f"casledger: {len(tokens)} token(s) in {args.file}", file=sys.stderr)
+            return EXIT_OK
+        revoked = auth.revoke_token(args.file, args.id)
+    except (ValueError, OSError) as exc:
+        print(f"casledger: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"casledger: revoked token {revoked.id} of {revoked.grant.describe()}; a running "
+          "service refuses it once it reads the file again (within a second)", file=sys.stderr)
+    return EXIT_OK
 
 
 def run_token_create(args: argparse.Namespace) -> int:
@@ -356,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is not None:
         return inspect.run(args, command)
     if args.command == "token":
-        return run_token_create(args)
+        return run_token(args)
     try:
         if args.command == "serve":
             settings = load(Settings, os.environ, **_given(args, Settings))

@@ -202,7 +202,39 @@ async def test_with_a_tokens_file_it_starts_and_checks_tokens(
         created = await stub.CreateResource(request, timeout=10,
                                             metadata=(("authorization", f"Bearer {writer}"),))
         assert created.actor == "ci-bot"
+
+        # The operator lists the tokens and revokes the writer's: the running service stops
+        # accepting it once it reads the file again (within a second), without a restart.
+        listed = token_cli(casledger, "list", "--file", str(file), "--json")
+        ids = {entry["principal"]: entry["id"] for entry in json.loads(listed)}
+        assert set(ids) == {"ci-bot", "auditor"}
+        assert writer not in listed
+        assert reader not in listed
+        token_cli(casledger, "revoke", ids["ci-bot"], "--file", str(file))
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+        get = pb.GetResourceRequest(name="documents/d1")
+        for _ in range(100):
+            try:
+                await stub.GetResource(get, timeout=10,
+                                       metadata=(("authorization", f"Bearer {writer}"),))
+            except grpc.aio.AioRpcError as error:
+                revoked = error
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the revoked token still works after 10 s")
+        assert revoked.code() == grpc.StatusCode.UNAUTHENTICATED
+        still = await stub.GetResource(get, timeout=10,
+                                       metadata=(("authorization", f"Bearer {reader}"),))
+        assert still.actor == "ci-bot"
     await stop(served)
+
+
+def token_cli(casledger: str, *args: str) -> str:
+    done = subprocess.run([casledger, "token", *args], capture_output=True, text=True,
+                          env=clean_env(), timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 async def test_a_missing_tokens_file_does_not_start(start: Start, tmp_path: Path) -> None:

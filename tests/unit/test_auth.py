@@ -426,3 +426,71 @@ def test_settings_refuse_an_open_ledger_off_loopback() -> None:
     Settings(grpc_listen="0.0.0.0:50051", http_listen="[::]:8080", auth_tokens_file="t.toml")
     with pytest.raises(SettingsError, match="--tls-cert and --tls-key go together"):
         Settings(tls_cert="cert.pem")
+
+
+# --- token list and revoke -------------------------------------------------------------------
+
+
+def test_list_shows_each_entry_by_the_start_of_its_hash(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(ENTRY)
+    bob = auth.create_token(path, principal="bob", scopes=["admin"])
+
+    alice_info, bob_info = auth.list_tokens(path)
+
+    assert alice_info.digest == auth.hash_token(TOKEN).removeprefix("sha256:")
+    assert alice_info.id == alice_info.digest[:12]
+    assert alice_info.grant == Grant("alice", frozenset({Scope.READ, Scope.WRITE}),
+                                     ("documents", "projects/p1"))
+    assert alice_info.created == "2025-01-01T00:00:00Z"
+    assert bob_info.digest == auth.hash_token(bob).removeprefix("sha256:")
+    assert bob_info.grant.principal == "bob"
+
+
+def test_revoke_removes_exactly_that_entry_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    bob = auth.create_token(path, principal="bob", scopes=["read"])
+    carol = auth.create_token(path, principal="carol", scopes=["write"])
+    path.chmod(0o640)
+    bob_id = auth.list_tokens(path)[0].id
+    header = path.read_text().split("[[tokens]]")[0]
+
+    revoked = auth.revoke_token(path, "sha256:" + bob_id.upper()[:8])
+
+    assert revoked.grant.principal == "bob"
+    table, _ = auth.read_tokens(path)
+    assert table.lookup(bob) is None
+    assert table.lookup(carol) is not None
+    assert path.read_text().startswith(header)  # the comments stay
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["tokens.toml"]  # no temporary left
+
+
+@pytest.mark.parametrize(("token_id", "message"), [
+    ("abc", "at least 8 hex digits"),
+    ("xyzxyzxyz", "at least 8 hex digits"),
+    ("00000000", "no token"),
+])
+def test_revoke_refuses_an_id_it_cannot_resolve(tmp_path: Path, token_id: str,
+                                                message: str) -> None:
+    path = tmp_path / "tokens.toml"
+    auth.create_token(path, principal="bob", scopes=["read"])
+    before = path.read_text()
+
+    with pytest.raises(ValueError, match=message):
+        auth.revoke_token(path, token_id)
+    assert path.read_text() == before
+
+
+def test_revoke_refuses_an_ambiguous_id_and_an_entry_it_cannot_cut_out(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    twins = [f'{{principal = "p{i}", scopes = ["read"], hash = "sha256:{"ab" * 31}{i:02x}"}}'
+             for i in range(2)]
+    path.write_text(f"tokens = [{', '.join(twins)}]\n")
+    before = path.read_text()
+
+    with pytest.raises(ValueError, match="2 tokens"):
+        auth.revoke_token(path, "ab" * 4)
+    with pytest.raises(ValueError, match="remove it by hand"):
+        auth.revoke_token(path, "ab" * 31 + "01")
+    assert path.read_text() == before
