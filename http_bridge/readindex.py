@@ -292,6 +292,7 @@ class ReadCache:
         self.heads = HeadCache(max_entries=max_entries, max_bytes=max_bytes)
         self.following = False
         self.paused = False
+        self.paused_before = False  # this watch resumes a paused one (logged at debug)
         self._client = client
         self._wait_s = wait_s
         self._idle_s = idle_s
@@ -400,7 +401,7 @@ class ReadCache:
 
     def _resume(self) -> None:
         """Start following (again): the watch, and the timer that pauses it when idle."""
-        self.paused = False
+        self.paused_before, self.paused = self.paused, False
         self._last_read = asyncio.get_running_loop().time()
         self._follower = asyncio.create_task(self._follow(), context=contextvars.Context())
         if self._idle_s is not None:
@@ -427,12 +428,16 @@ class ReadCache:
             while (left := self._last_read + self._idle_s - loop.time()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(left)
             self.paused = True  # from here, reads fall back without restarting the watch
+            paused_at = loop.time()
             await self._end_follower()
             self.heads.forget()
-            log.info("read cache: no read for %g s; watch paused until the next read",
-                     self._idle_s)
+            # At debug, as is the restart: reads now and then would pause and restart it often.
+            log.debug("read cache: no read for %g s; watch paused until the next read",
+                      self._idle_s)
         finally:
             self._idler = None
+        if self._last_read > paused_at and self._running:
+            self._resume()  # a read came while the watch was stopping: it restarts it
 
     async def _end_follower(self) -> None:
         """Stop the watch and wait until its task has ended. The task stays in `_follower`
@@ -481,8 +486,9 @@ class ReadCache:
                     "", self.heads.applied + 1)
                 try:
                     self.following = established = True
-                    log.info("read cache: following the ledger from revision %d",
-                             self.heads.applied)
+                    (log.debug if self.paused_before else log.info)(
+                        "read cache: following the ledger from revision %d", self.heads.applied)
+                    self.paused_before = False
                     told = False
                     async for event in stream:
                         self._apply(event.resource)

@@ -5,6 +5,7 @@ updates, answers of fetches racing the watch, gaps, and the fallbacks."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -563,6 +564,27 @@ async def test_the_watch_pauses_when_nobody_reads_and_the_next_read_restarts_it(
         assert fetch.calls == 1  # from the cache again
     finally:
         await reads.stop()
+
+
+async def test_pausing_and_resuming_log_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    ledger = FakeLedger(revision=0)
+    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
+                      idle_s=0.2)
+    with caplog.at_level(logging.DEBUG, "casledger.bridge"):
+        reads.start()
+        try:
+            for _ in range(2):  # reads now and then: pause, resume, pause, resume
+                await until(lambda: reads.paused)
+                await reads.get("c/a", Fetches(res("c/a", 1, 1)))
+                await until(lambda: reads.following)
+        finally:
+            await reads.stop()
+
+    infos = [r.message for r in caplog.records if r.levelno >= logging.INFO]
+    assert infos == ["read cache: following the ledger from revision 0"]  # the start only
+    debug = [r.message for r in caplog.records if r.levelno == logging.DEBUG]
+    assert sum("paused" in m for m in debug) == 2
+    assert sum("following" in m for m in debug) == 2
 
 
 async def test_reads_keep_the_watch_up() -> None:
