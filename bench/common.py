@@ -75,16 +75,21 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def rss_kib(pid: int) -> int:
-    """The resident set size of `pid` in KiB (VmRSS from /proc), 0 if it is gone."""
+def _status_kib(pid: int, key: str) -> int:
+    """A KiB figure of `pid`'s /proc status (`key` such as ``VmRSS``), 0 if it is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1])
     except (OSError, ValueError):
         pass
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of `pid` in KiB (VmRSS from /proc), 0 if it is gone."""
+    return _status_kib(pid, "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -101,14 +106,7 @@ def cpu_seconds(pid: int) -> float:
 
 def peak_rss_kib(pid: int) -> int:
     """The peak resident set size of `pid` in KiB (VmHWM from /proc), 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _status_kib(pid, "VmHWM")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from typing import Any
 
 from bench.common import (
     casledger_serve,
+    cpu_seconds,
     free_port,
     median,
     percentile,
@@ -250,16 +251,6 @@ async def seed(target: str, count: int, tag: str) -> list[tuple[str, int]]:
             client.create(COLLECTION, b'{"n":0}', resource_id=f"{tag}-{i:05d}")
             for i in range(count)))
     return [(resource.name, resource.version) for resource in created]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` so far (from /proc), 0.0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- rounds ------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import RESULTS, children, peak_rss_kib
 from casledger.service.model import (
     EMPTY_TAIL,
     HASH_FORMAT,
@@ -76,7 +77,6 @@ from casledger.service.model import (
 )
 from casledger.service.storage.sqlite_offline import import_versions
 
-RESULTS = Path(__file__).parent / "results"
 SIZES = (10_000, 100_000, 1_000_000)
 SWEEP_CONTENT = (1024, 4096, 16384, 65536, 262144)
 # About 1 GiB of content per size (at most SWEEP_VERSIONS versions): a second or two of work,
@@ -226,23 +226,10 @@ sys.exit(code)
 def _descendants(pid: int) -> list[int]:
     found, pending = [], [pid]
     while pending:
-        parent = pending.pop()
-        try:
-            with open(f"/proc/{parent}/task/{parent}/children") as children:
-                kids = [int(kid) for kid in children.read().split()]
-        except OSError:
-            continue
+        kids = children(pending.pop())
         found += kids
         pending += kids
     return found
-
-
-def _peak_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def _is_tracker(pid: int) -> bool:
@@ -292,8 +279,8 @@ def run_verify(path: Path, jobs: int) -> Sample:
         # between fork and exec would show its parent's.
         while child.poll() is None:
             for pid in _descendants(child.pid):
-                peak = _peak_kib(pid)
-                if peak is not None:
+                peak = peak_rss_kib(pid)
+                if peak:  # 0: gone already
                     workers[pid] = peak
                     if pid not in trackers and _is_tracker(pid):
                         trackers.add(pid)
