@@ -384,8 +384,10 @@ class Fetches:
         return self.answer
 
 
-async def open_cache(ledger: FakeLedger, wait_s: float = 1.0) -> ReadCache:
-    reads = ReadCache(cast(Any, ledger), max_entries=100, max_bytes=1 << 20, wait_s=wait_s)
+async def open_cache(ledger: FakeLedger, wait_s: float = 1.0,
+                     idle_s: float | None = None) -> ReadCache:
+    reads = ReadCache(cast(Any, ledger), max_entries=100, max_bytes=1 << 20, wait_s=wait_s,
+                      idle_s=idle_s)
     reads.start()
     await until(lambda: reads.following)
     return reads
@@ -535,11 +537,8 @@ async def test_a_refused_cache_never_serves() -> None:
 
 async def test_the_watch_pauses_when_nobody_reads_and_the_next_read_restarts_it() -> None:
     ledger = FakeLedger(revision=0)
-    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
-                      idle_s=0.05)
-    reads.start()
+    reads = await open_cache(ledger, idle_s=0.05)
     try:
-        await until(lambda: reads.following)
         ledger.commit(res("c/a", 1, 1))
         await until(lambda: reads.heads.applied == 1)
         await until(lambda: reads.paused and not reads.following)
@@ -568,10 +567,8 @@ async def test_the_watch_pauses_when_nobody_reads_and_the_next_read_restarts_it(
 
 async def test_pausing_and_resuming_log_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
     ledger = FakeLedger(revision=0)
-    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
-                      idle_s=0.2)
     with caplog.at_level(logging.DEBUG, "casledger.bridge"):
-        reads.start()
+        reads = await open_cache(ledger, idle_s=0.2)
         try:
             for _ in range(2):  # reads now and then: pause, resume, pause, resume
                 await until(lambda: reads.paused)
@@ -589,11 +586,8 @@ async def test_pausing_and_resuming_log_at_debug_only(caplog: pytest.LogCaptureF
 
 async def test_reads_keep_the_watch_up() -> None:
     ledger = FakeLedger(revision=0)
-    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
-                      idle_s=0.1)
-    reads.start()
+    reads = await open_cache(ledger, idle_s=0.1)
     try:
-        await until(lambda: reads.following)
         ledger.commit(res("c/a", 1, 1))
         fetch = Fetches(LedgerCallError(grpc.StatusCode.UNAVAILABLE, "not called"))
         for _ in range(8):  # 0.24 s of reads, each within the idle time of the one before
@@ -611,10 +605,7 @@ async def test_reads_keep_the_watch_up() -> None:
 @pytest.mark.parametrize("idle_s", [None, 0.02])
 async def test_stop_ends_a_paused_or_following_cache(idle_s: float | None) -> None:
     ledger = FakeLedger(revision=0)
-    reads = ReadCache(cast(Any, ledger), max_entries=10, max_bytes=1 << 20, wait_s=1.0,
-                      idle_s=idle_s)
-    reads.start()
-    await until(lambda: reads.following)
+    reads = await open_cache(ledger, idle_s=idle_s)
     await asyncio.sleep(0.1)
     assert reads.paused is (idle_s is not None)
 
