@@ -28,6 +28,7 @@ import uvloop
 
 from ..http_bridge.app import BridgeSettings
 from . import audit, auth, inspect, logs, migrate
+from .client import KEEPALIVE_S
 from .config import Settings, SettingsError, env_name, flag_name, load
 from .inspect import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, EXIT_VERIFY_FAILED
 from .server import serve
@@ -48,6 +49,8 @@ _HELP = {
     "request_id_ttl_s": "how long request ids are remembered, in seconds (>= 86400)",
     "watch_queue": "live versions a watcher may have queued before it is ended as too slow",
     "shutdown_grace_s": "seconds in-flight calls get to finish on SIGTERM/SIGINT",
+    "grpc_keepalive_min_s": "shortest interval at which clients may send keepalive pings on "
+                            "an idle connection; faster pingers are cut off (default 5)",
     "log_level": "debug, info, warning or error",
     "target": "HOST:PORT of the gRPC service the bridge talks to (default 127.0.0.1:50051)",
     "max_body_bytes": "largest HTTP request body, in bytes (default 1048576)",
@@ -226,6 +229,13 @@ def _revision(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds, not {text}")
+    return value
+
+
 def _digest(text: str) -> Digest:
     try:
         return Digest.parse(text)
@@ -283,8 +293,11 @@ def _add_inspection_commands(commands: Any) -> None:
     tail.add_argument("--from", dest="start", type=_revision, default=0, metavar="REV",
                       help="replay from this revision (inclusive) first; default: from now")
     tail.add_argument("--limit", type=_count, default=0, help="stop after N versions")
-    tail.add_argument("--max-backoff", type=float, default=5.0, metavar="S",
+    tail.add_argument("--max-backoff", type=_seconds, default=5.0, metavar="S",
                       help="longest wait between reconnection attempts (default 5)")
+    tail.add_argument("--keepalive-s", type=_seconds, default=KEEPALIVE_S, metavar="S",
+                      help="ping the service after S seconds without traffic and reconnect "
+                           "when it does not answer; 0: never (default 30)")
     verify = add("verify", "recompute every hash and both chains; exit 1 on any broken link")
     verify.add_argument("--digest", type=_digest, default=None, metavar="R:HEX",
                         help="also prove the ledger still extends this earlier digest")

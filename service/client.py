@@ -25,6 +25,13 @@ from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 10.0
+# A connection idle this long is pinged; one whose ping is not answered within
+# KEEPALIVE_TIMEOUT_S (or keepalive_s, if shorter) is closed, failing its calls with
+# UNAVAILABLE. Without it a silently dead connection (a peer that vanished, a NAT or firewall
+# that dropped the flow) would leave a Watch waiting forever. The service accepts pings as often
+# as every --grpc-keepalive-min-s (5 s by default).
+KEEPALIVE_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
 _DETAILS_KEY = "grpc-status-details-bin"
 # Initial metadata of an accepted Watch: the ledger's revision at that moment.
 WATCH_REVISION_KEY = "casledger-revision"
@@ -278,16 +285,36 @@ class LedgerClient:
         raise AssertionError("unreachable")
 
 
+def keepalive_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """Channel options that ping a connection idle for `keepalive_s` seconds (0: none)."""
+    if keepalive_s <= 0:
+        return []
+    timeout_ms = round(min(keepalive_s, KEEPALIVE_TIMEOUT_S) * 1000)
+    return [
+        ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        # grpc 1.85 times an unanswered ping out after this (1 minute by default), whatever
+        # keepalive_timeout_ms says: without it a dead connection took 60 s to notice.
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        # Keep pinging a quiet Watch: by default gRPC stops after two pings without data.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 @asynccontextmanager
 async def connect(target: str = DEFAULT_TARGET, *, call_timeout: float = DEFAULT_TIMEOUT_S,
                   options: list[tuple[str, Any]] | None = None,
                   tls_ca: bytes | None = None,
-                  batching: bool = False) -> AsyncIterator[LedgerClient]:
+                  batching: bool = False,
+                  keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[LedgerClient]:
     """A client on a new channel to `target`; the channel closes when the block ends. With
     `tls_ca` (PEM root certificates) the channel is TLS, verifying the service against them.
     With `batching`, concurrent single-resource calls travel together in Batch calls
-    (:class:`casledger.service.batching.BatchingClient`)."""
-    all_options = [("grpc.max_receive_message_length", 256 << 20), *(options or [])]
+    (:class:`casledger.service.batching.BatchingClient`). The connection is pinged after
+    `keepalive_s` seconds without traffic (0: never), see KEEPALIVE_S."""
+    all_options = [("grpc.max_receive_message_length", 256 << 20),
+                   *keepalive_options(keepalive_s), *(options or [])]
     channel = (grpc.aio.insecure_channel(target, options=all_options) if tls_ca is None else
                grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(tls_ca),
                                        options=all_options))

@@ -32,6 +32,8 @@ class Settings:
     request_id_ttl_s: int = 24 * 3600
     watch_queue: int = 1024
     shutdown_grace_s: float = 10.0
+    # The shortest interval at which a client may ping an idle connection (README "tail").
+    grpc_keepalive_min_s: float = 5.0
     log_level: str = "info"
     # Limits, metrics and logs (README: "Operating casledger: limits, metrics and logs").
     log_format: str = "auto"
@@ -53,6 +55,8 @@ class Settings:
             raise SettingsError("watch_queue must be at least 16")
         if self.shutdown_grace_s < 0:
             raise SettingsError("shutdown_grace_s must not be negative")
+        if not 0 <= self.grpc_keepalive_min_s <= 3600:
+            raise SettingsError("grpc_keepalive_min_s must be between 0 and 3600")
         if self.log_format not in ("auto", "json", "text"):
             raise SettingsError("log_format must be auto, json or text")
         if self.max_in_flight < 1 or self.max_watchers < 1:

@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Callable
 import grpc
 
 from .api.casledger.v1 import ledger_pb2 as pb
-from .client import LedgerCallError, LedgerClient, connect
+from .client import KEEPALIVE_S, LedgerCallError, LedgerClient, connect
 from .model import Version, matches_prefix
 
 INITIAL_BACKOFF_S = 0.1
@@ -84,16 +84,19 @@ async def replay(client: LedgerClient, start: int = 1, prefix: str = "", *,
 async def follow(target: str, on_version: Callable[[Version], None], *, prefix: str = "",
                  start: int = 0, limit: int = 0,
                  on_retry: Callable[[str, float, int], None] | None = None,
-                 max_backoff: float = MAX_BACKOFF_S, tls_ca: bytes | None = None) -> int:
+                 max_backoff: float = MAX_BACKOFF_S, tls_ca: bytes | None = None,
+                 keepalive_s: float = KEEPALIVE_S) -> int:
     """Deliver every version under `prefix` from revision `start` (0 = from now) to
     `on_version`, in order, exactly once, until `limit` versions (0 = forever). Returns how many
-    were delivered. `on_retry(why, delay_s, next_revision)` is told of each reconnection."""
+    were delivered. `on_retry(why, delay_s, next_revision)` is told of each reconnection.
+    A connection that stays silent `keepalive_s` seconds is pinged, and dropped (then resumed)
+    when the ping goes unanswered, so a dead peer cannot leave the tail waiting forever."""
     last = start - 1 if start else None
     delivered = 0
     delay = INITIAL_BACKOFF_S
     while True:
         try:
-            async with connect(target, tls_ca=tls_ca) as client:
+            async with connect(target, tls_ca=tls_ca, keepalive_s=keepalive_s) as client:
                 stream = await client.open_watch(prefix, 0 if last is None else last + 1)
                 if last is None:
                     last = stream.revision

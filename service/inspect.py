@@ -337,7 +337,7 @@ def cmd_tail(args: argparse.Namespace, out: Output) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await follow(target_of(args), out.version_line, prefix=prefix, start=args.start,
                          limit=args.limit, on_retry=retrying, max_backoff=args.max_backoff,
-                         tls_ca=tls_ca_of(args))
+                         tls_ca=tls_ca_of(args), keepalive_s=args.keepalive_s)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())

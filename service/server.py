@@ -52,6 +52,10 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Clients ping idle connections (connect's keepalive_s) to notice a dead one; gRPC's
+        # default would answer pings more often than every 5 minutes with GOAWAY too_many_pings.
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         round(settings.grpc_keepalive_min_s * 1000)),
         # gRPC sets SO_REUSEPORT by default: a second server on a busy port would bind and
         # silently share its connections instead of failing.
         ("grpc.so_reuseport", 0),

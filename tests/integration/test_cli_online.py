@@ -5,6 +5,7 @@ in-process, in a thread of its own (it runs its own event loop, as `casledger` d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -20,6 +21,8 @@ from casledger.service.config import Settings
 from casledger.service.follow import follow
 from casledger.service.model import Version
 from casledger.service.server import RunningServer, serve
+from tests.conftest import NewLedger
+from tests.support.blackhole import blackhole
 
 Watching = Callable[[RunningServer, int], Awaitable[None]]
 
@@ -284,6 +287,93 @@ async def test_follow_resumes_after_watcher_too_slow_without_a_gap(
         assert await follower == total
     assert delivered == list(range(1, total + 1))
     assert "WATCHER_TOO_SLOW" in retries
+
+
+async def _follow_through_a_blackhole(settings: Settings, new_ledger: NewLedger,
+                                      keepalive_s: float, wait_s: float
+                                      ) -> tuple[list[int], list[str]]:
+    """Follows a server through a Blackhole with `keepalive_s`, freezes the connection after
+    the first version, writes a second, and waits up to `wait_s` for it (then closes the frozen
+    connection, which the follower notices at once). Returns the revisions delivered by then
+    and the reasons of the follower's reconnections."""
+    delivered: list[int] = []
+    retries: list[str] = []
+    first = threading.Event()
+
+    def on_version(v: Version) -> None:
+        delivered.append(v.revision)
+        first.set()
+
+    quick = settings.replace(db=new_ledger("keepalive"), grpc_keepalive_min_s=0.5)
+    async with serve(quick) as running, blackhole(running.port) as hole, \
+            connect(running.target) as client:
+
+        def run() -> int:
+            return asyncio.run(follow(f"127.0.0.1:{hole.port}", on_version, start=1, limit=2,
+                                      max_backoff=0.1, keepalive_s=keepalive_s,
+                                      on_retry=lambda why, delay, rev: retries.append(why)))
+
+        follower = asyncio.ensure_future(asyncio.to_thread(run))
+        await client.create("documents", b"{}", resource_id="before")
+        assert await asyncio.to_thread(first.wait, 10)
+        hole.freeze()
+        await client.create("documents", b"{}", resource_id="after")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(follower), wait_s)
+        seen = list(delivered)
+        hole.close_all()
+        async with asyncio.timeout(10):
+            assert await follower == 2
+    assert delivered == [1, 2]
+    return seen, retries
+
+
+@pytest.mark.sqlite_only
+async def test_follow_notices_a_silently_dead_connection_by_its_keepalive(
+        settings: Settings, new_ledger: NewLedger) -> None:
+    # A ping after 1 s of silence, unanswered 1 s later: noticed after about 2 s.
+    seen, retries = await _follow_through_a_blackhole(settings, new_ledger, keepalive_s=1,
+                                                      wait_s=10)
+    assert seen == [1, 2]
+    assert retries[:1] == ["UNAVAILABLE"]
+
+
+@pytest.mark.sqlite_only
+async def test_without_keepalive_a_silently_dead_connection_goes_unnoticed(
+        settings: Settings, new_ledger: NewLedger) -> None:
+    """The control: the Blackhole really stalls the follower until its connection closes."""
+    seen, _ = await _follow_through_a_blackhole(settings, new_ledger, keepalive_s=0, wait_s=4)
+    assert seen == [1]
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize(("min_s", "cut_off"), [(0.5, False), (5.0, True)])
+async def test_the_service_accepts_keepalive_pings_down_to_its_minimum(
+        settings: Settings, new_ledger: NewLedger, min_s: float, cut_off: bool) -> None:
+    """A quiet Watch pinged every second stays up when --grpc-keepalive-min-s allows it; when
+    it does not, gRPC's policy ends the connection (GOAWAY too_many_pings) after two strikes."""
+    retries: list[str] = []
+    stop = threading.Event()
+    server_settings = settings.replace(db=new_ledger("pings"), grpc_keepalive_min_s=min_s)
+    async with serve(server_settings) as running:
+
+        def on_retry(why: str, delay: float, revision: int) -> None:
+            retries.append(why)
+            stop.set()
+
+        def run() -> None:
+            async def until_stopped() -> None:
+                task = asyncio.ensure_future(follow(running.target, lambda v: None,
+                                                    keepalive_s=1, on_retry=on_retry))
+                await asyncio.to_thread(stop.wait, 6)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+            asyncio.run(until_stopped())
+
+        await asyncio.to_thread(run)
+    assert retries == (["UNAVAILABLE"] if cut_off else [])
 
 
 async def test_an_unreachable_service_is_exit_3(cli: Cli) -> None:
