@@ -143,6 +143,11 @@ def _object(pairs: list[tuple[str, JSONValue]]) -> dict[str, JSONValue]:
     return result
 
 
+# Built once: json.loads with hooks would build a decoder (and its C scanner) on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_int=_parse_int,
+                            parse_float=_parse_float, parse_constant=_parse_constant)
+
+
 def _position(text: str, index: int) -> str:
     line = text.count("\n", 0, index) + 1
     column = index - text.rfind("\n", 0, index)
@@ -187,10 +192,11 @@ def parse_json(
 ) -> JSONValue:
     """Parse `data` as strict RFC 8259 JSON.
 
-    On top of :func:`json.loads` this refuses: bytes that are not UTF-8, a byte order mark,
-    NaN/Infinity, numbers outside a double's range, integers over MAX_INT_DIGITS digits, duplicate
-    object keys, nesting deeper than MAX_JSON_DEPTH, and unpaired surrogate escapes (``"\\ud800"``,
-    which Python would decode into a string that cannot be encoded back to UTF-8).
+    On top of :func:`json.loads` (its decoder, with hooks) this refuses: bytes that are not UTF-8,
+    a byte order mark, NaN/Infinity, numbers outside a double's range, integers over
+    MAX_INT_DIGITS digits, duplicate object keys, nesting deeper than MAX_JSON_DEPTH, and unpaired
+    surrogate escapes (``"\\ud800"``, which Python would decode into a string that cannot be
+    encoded back to UTF-8).
 
     Raises:
         error: ``error(message, field=field)`` for every failure, whatever the bytes; the message
@@ -219,13 +225,7 @@ def parse_json(
             field=field,
         )
     try:
-        value: JSONValue = json.loads(
-            text,
-            object_pairs_hook=_object,
-            parse_int=_parse_int,
-            parse_float=_parse_float,
-            parse_constant=_parse_constant,
-        )
+        value: JSONValue = _DECODER.decode(text)
     except _Rejected as exc:
         raise error(f"{field} is not valid JSON: {exc}", field=field) from None
     except json.JSONDecodeError as exc:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from casledger.service import errors
+from casledger.service import content, errors
 from casledger.service.content import (
     DEFAULT_CONTENT_TYPE,
     MAX_INT_DIGITS,
@@ -293,10 +293,11 @@ def test_parse_json_respects_a_lower_interpreter_integer_limit() -> None:
 def test_parse_json_translates_decoder_failures_it_did_not_foresee(
     monkeypatch: pytest.MonkeyPatch, failure: type[Exception]
 ) -> None:
-    def loads(*args: object, **kwargs: object) -> object:
-        raise failure("boom")
+    class Failing(json.JSONDecoder):
+        def decode(self, *args: object, **kwargs: object) -> object:
+            raise failure("boom")
 
-    monkeypatch.setattr(json, "loads", loads)
+    monkeypatch.setattr(content, "_DECODER", Failing())
     with pytest.raises(errors.InvalidContent, match=f"not valid JSON: {failure.__name__}"):
         parse_json(b"[]", field="content")
 
