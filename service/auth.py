@@ -463,8 +463,8 @@ METHOD_ACCESS: dict[str, tuple[Scope, Callable[[Any], str]]] = {
 
 
 # Methods that need only a valid token: each operation they carry is authorized under its own
-# method's rule above (Batch).
-PER_OPERATION = frozenset({"Batch"})
+# method's rule above (Batch; BatchStream, whose every batch is authenticated as it comes).
+PER_OPERATION = frozenset({"Batch", "BatchStream"})
 
 
 def authorize(grant: Grant, method: str, request: Any | None) -> None:

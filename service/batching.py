@@ -1,31 +1,38 @@
-"""Many concurrent calls, few gRPC calls: single-resource calls travel in ``Batch`` calls.
+"""Many concurrent calls, few gRPC messages: single-resource calls travel in batches.
 
 A unary gRPC call costs the client and the service each about as much CPU as the HTTP request
 the bridge serves with it, so one call per request caps the bridge near the raw unary rate.
 :class:`BatchingClient` (what ``connect(..., batching=True)`` gives; the HTTP bridge uses it) is a
 :class:`~casledger.service.client.LedgerClient` whose single-resource calls (GetResource,
-CreateResource, UpdateResource, DeleteResource) are carried in ``Batch`` calls:
+CreateResource, UpdateResource, DeleteResource) are carried in batches:
 
 - calls wait in a queue per caller identity (the call metadata, ``call_metadata``, without the
-  request id: in the bridge, each HTTP request's Authorization), one principal per ``Batch``
-  call, as the service authorizes it;
-- a queue sends at once while fewer than ``max_calls`` of its ``Batch`` calls are in flight;
-  otherwise its calls wait, and the next ``Batch`` call carries every call waiting then (up to
-  ``max_ops`` and ``max_bytes``);
+  request id: in the bridge, each HTTP request's Authorization), one principal per batch, as the
+  service authorizes it;
+- a queue sends at once while fewer than ``max_calls`` of its batches are in flight; otherwise
+  its calls wait, and the next batch carries every call waiting then (up to ``max_ops`` and
+  ``max_bytes``);
+- each batch is a message of the identity's ``BatchStream``, a bidirectional stream opened with
+  the first batch and kept while it is used (closed after STREAM_IDLE_S unused): a message costs
+  both sides far less than a call. Replies come back by id, as each batch finishes. Against a
+  service without BatchStream (UNIMPLEMENTED), each batch is a ``Batch`` call instead;
 - each call keeps its own outcome: the Resource, or exactly the error its unary call would
-  have raised. The service runs the operations of a ``Batch`` as independent calls made at the
+  have raised. The service runs the operations of a batch as independent calls made at the
   same moment (no transaction, no order among them), each inside its HTTP request's lifetime,
   so batching changes no answer a client can see;
 - a call larger than ``max_bytes`` goes unary, and so does everything once the service answers
-  ``Batch`` with UNIMPLEMENTED (an older service).
+  ``Batch`` with UNIMPLEMENTED too (an older service still).
 
-A failure of the ``Batch`` call itself (UNAVAILABLE, a deadline) is every operation's failure,
-as it would have been for each unary call.
+A failure of the carrier (the stream or the Batch call: UNAVAILABLE, a deadline) is every
+operation's failure, as it would have been for each unary call. A batch the service never read
+(the stream ended, cleanly, before it; or it was never written) fails UNAVAILABLE and did not
+run.
 
 Each call keeps its own deadline, ``call_timeout`` from when it was made, however long it waited
-in the queue: a ``Batch`` call's deadline is the latest of its calls', and a call whose deadline
-passes first fails then with DEADLINE_EXCEEDED, as its unary call would have (like that one, its
-operation may still have been applied).
+in the queue: a batch waits for its reply until the latest of its calls' deadlines, and a call
+whose deadline passes first fails then with DEADLINE_EXCEEDED, as its unary call would have
+(like that one, its operation may still have been applied). A stream on which a batch went
+unanswered that long is dropped; the next batch opens a new one.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +51,11 @@ from .client import LedgerCallError, LedgerClient, R, call_metadata
 from .logs import REQUEST_ID_KEY
 
 log = logging.getLogger("casledger.client")
+
+# A stream unused this long is closed (a caller identity that went quiet keeps none open).
+STREAM_IDLE_S = 30.0
+# How long closing a stream waits for the service to end it.
+STREAM_CLOSE_S = 2.0
 
 # The unary methods a Batch carries, by the BatchOperation field that holds each request.
 BATCHED = {"GetResource": "get", "CreateResource": "create", "UpdateResource": "update",
@@ -61,6 +74,88 @@ class _Call:
     deadline: float  # loop time
 
 
+class _Stream:
+    """One BatchStream call of one identity: each batch is written to it with an id, and its
+    reader task hands each reply to the batch waiting for that id."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.writing = asyncio.Lock()  # one write at a time
+        self.waiting: dict[int, asyncio.Future[pb.BatchStreamResponse]] = {}
+        self.next_id = 0
+        self.last_used = asyncio.get_running_loop().time()
+        # Why the stream ended (every batch still waiting then failed with it), None while open.
+        self.ended: BaseException | None = None
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def send(self, operations: list[pb.BatchOperation], deadline: float
+                   ) -> pb.BatchStreamResponse | None:
+        """The reply to one batch; None when `deadline` (loop time) passed first. Raises the
+        stream's failure (a LedgerCallError) when it ended before the reply."""
+        self.next_id += 1
+        batch_id = self.next_id
+        loop = asyncio.get_running_loop()
+        self.last_used = loop.time()
+        waiter: asyncio.Future[pb.BatchStreamResponse] = loop.create_future()
+        self.waiting[batch_id] = waiter
+        try:
+            async with asyncio.timeout_at(deadline):
+                try:
+                    async with self.writing:
+                        await self.call.write(pb.BatchStreamRequest(id=batch_id,
+                                                                    operations=operations))
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    pass  # the stream has ended: the reader says how
+                if self.ended is not None and not waiter.done():
+                    raise self.ended  # ended before this batch was written: none of it ran
+                return await waiter
+        except TimeoutError:
+            if self.ended is None:  # (the timeout cancelled `waiter`)
+                # No answer in time, perhaps not even written (a service that does not answer,
+                # or holds back the stream): drop the stream, the next batch takes a new one.
+                self.ended = LedgerCallError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded (a batch on the same "
+                    "stream went unanswered, and the stream was dropped)")
+                self.call.cancel()
+            return None
+        finally:
+            self.waiting.pop(batch_id, None)
+
+    async def _read(self) -> None:
+        error: BaseException
+        try:
+            while (reply := await self.call.read()) is not grpc.aio.EOF:
+                waiter = self.waiting.pop(reply.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(reply)
+            # The service ended the stream (shutting down): the batches it did not answer were
+            # not taken.
+            error = LedgerCallError(grpc.StatusCode.UNAVAILABLE, "the service closed the "
+                                    "BatchStream before taking this batch (shutting down?)")
+        except grpc.aio.AioRpcError as exc:
+            error = LedgerCallError.from_rpc_error(exc)
+        except asyncio.CancelledError:
+            error = LedgerCallError(grpc.StatusCode.CANCELLED, "the client is closing")
+        except Exception as exc:  # a bug: every waiting batch gets it rather than hanging
+            log.error("a BatchStream failed unexpectedly", exc_info=exc)
+            error = exc
+        if self.ended is None:
+            self.ended = error
+        for waiter in self.waiting.values():
+            if not waiter.done():
+                waiter.set_exception(self.ended)
+
+    async def close(self) -> None:
+        """Half-close: the service answers what it took, then ends the stream (cut after
+        STREAM_CLOSE_S)."""
+        with suppress(TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            async with asyncio.timeout(STREAM_CLOSE_S):
+                await self.call.done_writing()
+                await asyncio.shield(self.reader)
+        self.call.cancel()
+        self.reader.cancel()
+
+
 @dataclass(slots=True)
 class _Queue:
     calls: deque[_Call] = field(default_factory=deque)
@@ -71,12 +166,15 @@ class BatchingClient(LedgerClient):
     """A :class:`LedgerClient` whose single-resource calls are batched (module docstring)."""
 
     def __init__(self, channel: grpc.aio.Channel, *, call_timeout: float, max_ops: int = 64,
-                 max_bytes: int = 256 << 10, max_calls: int = 2) -> None:
+                 max_bytes: int = 256 << 10, max_calls: int = 2, streams: bool = True) -> None:
         super().__init__(channel, call_timeout=call_timeout)
         self.max_ops, self.max_bytes, self.max_calls = max_ops, max_bytes, max_calls
         self._queues: dict[Identity, _Queue] = {}
         self._unsupported = False
         self._runners: set[asyncio.Task[None]] = set()
+        self._streams: dict[Identity, _Stream] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._no_streams = not streams
         self.batches = 0
         self.batched_calls = 0
 
@@ -133,11 +231,15 @@ class BatchingClient(LedgerClient):
     async def _send(self, identity: Identity, calls: list[_Call]) -> None:
         if not calls:
             return
-        request = pb.BatchRequest(operations=[
+        operations = [
             pb.BatchOperation(call_id=call.call_id, **{BATCHED[call.method]: call.request})
-            for call in calls])
+            for call in calls]
         self.batches += 1
         self.batched_calls += len(calls)
+        if not self._no_streams:
+            await self._send_on_stream(identity, calls, operations)
+            return
+        request = pb.BatchRequest(operations=operations)
         try:
             reply = await self.stub.Batch(
                 request, timeout=_remaining(max(call.deadline for call in calls)),
@@ -157,17 +259,53 @@ class BatchingClient(LedgerClient):
             log.error("a Batch call failed unexpectedly", exc_info=exc)
             _fail(calls, exc)
             return
-        if len(reply.results) != len(calls):
-            _fail(calls, LedgerCallError(grpc.StatusCode.INTERNAL, "the service answered a "
-                                         "Batch with the wrong number of results", "", {}))
+        _deliver(calls, reply.results)
+
+    async def _send_on_stream(self, identity: Identity, calls: list[_Call],
+                              operations: list[pb.BatchOperation]) -> None:
+        stream = self._streams.get(identity)
+        if stream is None or stream.ended is not None:
+            stream = self._streams[identity] = _Stream(self.stub.BatchStream(metadata=identity))
+            asyncio.get_running_loop().call_later(STREAM_IDLE_S, self._reap, identity, stream)
+        try:
+            reply = await stream.send(operations, max(call.deadline for call in calls))
+        except LedgerCallError as error:
+            if error.code != grpc.StatusCode.UNIMPLEMENTED:
+                _fail(calls, error)
+                return
+            self._no_streams = True  # an older service: Batch calls
+            self._streams.pop(identity, None)
+            await self._send(identity, calls)
             return
-        for call, result in zip(calls, reply.results, strict=True):
-            if call.outcome.done():
-                continue
-            if result.HasField("resource"):
-                call.outcome.set_result(result.resource)
-            else:
-                call.outcome.set_exception(LedgerCallError.from_status_message(result.status))
+        except asyncio.CancelledError:  # at shutdown: no caller is left waiting
+            for call in calls:
+                call.outcome.cancel()
+            raise
+        except Exception as exc:  # a bug: every caller gets it rather than hanging
+            log.error("a BatchStream batch failed unexpectedly", exc_info=exc)
+            _fail(calls, exc)
+            return
+        if reply is None:
+            return  # every call's deadline has passed: each one's timer failed it
+        if reply.HasField("status"):
+            _fail(calls, LedgerCallError.from_status_message(reply.status))
+            return
+        _deliver(calls, reply.results)
+
+    def _reap(self, identity: Identity, stream: _Stream) -> None:
+        """Close `stream` once it has been idle STREAM_IDLE_S (check again later if not)."""
+        if self._streams.get(identity) is not stream or stream.ended is not None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - stream.last_used
+        if idle < STREAM_IDLE_S or stream.waiting:
+            loop.call_later(STREAM_IDLE_S - min(idle, STREAM_IDLE_S / 2), self._reap,
+                            identity, stream)
+            return
+        del self._streams[identity]
+        closing = asyncio.ensure_future(stream.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def _unary(self, call: _Call, identity: Identity) -> None:
         try:
@@ -182,9 +320,12 @@ class BatchingClient(LedgerClient):
                 call.outcome.set_result(response)
 
     async def aclose(self) -> None:
-        """Wait for the Batch calls in flight (at shutdown, before the channel closes)."""
+        """Wait for the batches in flight, then close the streams (at shutdown, before the
+        channel closes)."""
         while self._runners:
             await asyncio.wait(set(self._runners))
+        streams, self._streams = list(self._streams.values()), {}
+        await asyncio.gather(*(stream.close() for stream in streams), *self._closing)
 
 
 def _remaining(deadline: float) -> float:
@@ -197,6 +338,20 @@ def _expire(outcome: asyncio.Future[pb.Resource]) -> None:
     if not outcome.done():
         outcome.set_exception(LedgerCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                               "Deadline Exceeded"))
+
+
+def _deliver(calls: list[_Call], results: Any) -> None:
+    if len(results) != len(calls):
+        _fail(calls, LedgerCallError(grpc.StatusCode.INTERNAL, "the service answered a "
+                                     "Batch with the wrong number of results", "", {}))
+        return
+    for call, result in zip(calls, results, strict=True):
+        if call.outcome.done():
+            continue
+        if result.HasField("resource"):
+            call.outcome.set_result(result.resource)
+        else:
+            call.outcome.set_exception(LedgerCallError.from_status_message(result.status))
 
 
 def _fail(calls: list[_Call], exc: BaseException) -> None:

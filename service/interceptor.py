@@ -6,7 +6,8 @@
    request's; another caller may send its own) or makes one, and sets it in
    :data:`casledger.service.logs.request_id` for every line logged while serving the call;
 2. admits the call through a :class:`~casledger.service.limits.Gate` — unary calls of the Ledger
-   service through one (a Batch takes a slot per operation: it is that many calls' work), its
+   service through one (a Batch takes a slot per operation: it is that many calls' work, and so
+   does each batch of a BatchStream, admitted by the servicer through :meth:`admit`), its
    Watch streams through another — or refuses it at once with
    RESOURCE_EXHAUSTED, reason OVERLOADED and ``retry_after_s`` (health checks and reflection are
    not limited: they must answer while the service is busy);
@@ -36,6 +37,7 @@ from .metrics import ServiceMetrics
 from .servicer import peer_of, to_status
 
 LIMITED_PREFIX = "/casledger.v1.Ledger/"
+BATCH_STREAM = "casledger.v1.Ledger/BatchStream"
 _SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                             grpc.StatusCode.DATA_LOSS})
 
@@ -63,6 +65,25 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "rpc": rpc, "code": code.name, "reason": reason or None,
                 "duration_ms": round(duration * 1000, 3), "peer": peer or None,
                 "request_id": request_id})
+
+    def refusal(self, rpc: str, gate: Gate, units: int) -> errors.Overloaded:
+        """Count a call (or a BatchStream's batch) refused for want of `units` slots of `gate`,
+        and say why."""
+        self.metrics.shed.labels(rpc).inc()
+        what = "Watch streams" if gate is self.streams else "calls"
+        if units > 1:
+            what += f" (a Batch takes one per operation: this one {gate.weight(units)})"
+        return errors.Overloaded(limit=gate.limit, what=what, retry_after_s=RETRY_AFTER_S)
+
+    def admit(self, units: int) -> None:
+        """Take `units` slots of the unary calls' gate for one batch of a BatchStream (the
+        servicer's BatchSlots); raise Overloaded when they are not free."""
+        if not self.unary.try_enter(units):
+            raise self.refusal(BATCH_STREAM, self.unary, units)
+
+    def leave(self, units: int) -> None:
+        """Give back the slots of a BatchStream's batch."""
+        self.unary.leave(units)
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: Any) -> Any:
@@ -162,12 +183,8 @@ class _Call:
         if gate.try_enter(units):
             self.slot, self.units = gate, units
             return
-        self.interceptor.metrics.shed.labels(self.rpc).inc()
-        what = "Watch streams" if gate is self.interceptor.streams else "calls"
-        if units > 1:
-            what += f" (a Batch takes one per operation: this one {gate.weight(units)})"
-        await context.abort_with_status(to_status(errors.Overloaded(
-            limit=gate.limit, what=what, retry_after_s=RETRY_AFTER_S)))
+        await context.abort_with_status(to_status(self.interceptor.refusal(self.rpc, gate,
+                                                                           units)))
         raise AssertionError("abort_with_status returns only by raising")
 
     def finish(self, code: grpc.StatusCode, reason: str) -> None:

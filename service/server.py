@@ -101,8 +101,9 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
             options=grpc_options(settings), interceptors=[calls],
             # A backstop only: the interceptor refuses first, with ErrorInfo OVERLOADED.
             maximum_concurrent_rpcs=backstop(settings.max_in_flight, settings.max_watchers))
-        add_to_server(LedgerServicer(store, max_content_bytes=settings.max_content_bytes,
-                                     tokens=tokens, observe=calls.record), server)
+        servicer = LedgerServicer(store, max_content_bytes=settings.max_content_bytes,
+                                  tokens=tokens, observe=calls.record, batch_slots=calls)
+        add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -134,6 +135,8 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
             # Watch streams never end by themselves: end them now, each with the revision to
             # resume from, so only unary calls use the grace period.
             store.hub.close()
+            # BatchStreams take no more batches either: only the batches taken finish.
+            servicer.close_streams()
             await server.stop(settings.shutdown_grace_s)
             if metrics_server is not None:
                 await metrics_server.close()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
@@ -29,6 +30,8 @@ from .api.casledger.v1 import ledger_pb2_grpc as pb_grpc
 from .client import WATCH_REVISION_KEY
 from .storage import Store
 from .watch import watch
+
+log = logging.getLogger("casledger.server")
 
 ERROR_DOMAIN = "casledger.dev"
 
@@ -76,6 +79,18 @@ WriteRequest = pb.CreateResourceRequest | pb.UpdateResourceRequest | pb.DeleteRe
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ledger"].full_name
 # rpc, code, ErrorInfo reason, seconds, peer, request id: how a Batch operation is recorded.
 Observe = Callable[[str, grpc.StatusCode, str, float, str, str], None]
+
+
+class BatchSlots(Protocol):
+    """The slots of the unary calls' gate a BatchStream's batch takes (the interceptor's)."""
+
+    def admit(self, units: int) -> None:
+        """Take `units` slots, or raise errors.Overloaded."""
+
+    def leave(self, units: int) -> None:
+        """Give back slots `admit` took."""
+
+
 # The unary method each BatchOperation field holds.
 BATCH_METHODS = {"get": "GetResource", "create": "CreateResource", "update": "UpdateResource",
                  "delete": "DeleteResource"}
@@ -160,7 +175,8 @@ def add_to_server(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+        make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
+                else grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(
             getattr(servicer, method.name), request_deserializer=tolerant(request_cls),
@@ -252,12 +268,26 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     """The `casledger.v1.Ledger` service over a :class:`~casledger.service.storage.Store`."""
 
     def __init__(self, store: Store, *, max_content_bytes: int,
-                 tokens: auth.TokenFile | None = None, observe: Observe | None = None) -> None:
+                 tokens: auth.TokenFile | None = None, observe: Observe | None = None,
+                 batch_slots: BatchSlots | None = None) -> None:
         self._store = store
         self._limit = max_content_bytes
         self._tokens = tokens
         # Counts and logs each operation of a Batch as its own call (the interceptor's record).
         self._observe = observe
+        # Admits each batch of a BatchStream as a Batch call is admitted (the interceptor's).
+        self._batch_slots = batch_slots
+        # The BatchStream handlers waiting for their next batch; close_streams ends them.
+        self._reading: set[asyncio.Task[Any]] = set()
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """At shutdown: every BatchStream takes no more batches, answers those it took, and
+        ends (OK), so that its client sees at once that the rest were not taken."""
+        self._closing.set()
+        for task in self._reading:
+            task.cancel()
+        self._reading.clear()
 
     def _actor(self, context: grpc.aio.ServicerContext) -> str:
         return _principal.get()
@@ -385,19 +415,97 @@ class LedgerServicer(pb_grpc.LedgerServicer):
                     context: grpc.aio.ServicerContext) -> pb.BatchResponse:
         """Each operation as its own unary call, all at once (see the proto)."""
         try:
-            grant = (None if self._tokens is None
-                     else self._tokens.authenticate(context.invocation_metadata()))
-            check_request(request)
-            if len(request.operations) > MAX_BATCH_OPERATIONS:
-                raise errors.InvalidArgument(
-                    f"a Batch holds at most {MAX_BATCH_OPERATIONS} operations, not "
-                    f"{len(request.operations)}", field="operations")
+            grant = self._batch_grant(request, context)
         except errors.LedgerError as error:
             await context.abort_with_status(to_status(error))
             raise AssertionError("abort_with_status returns only by raising") from error
-        results = await asyncio.gather(*(self._operation(operation, grant, context)
-                                         for operation in request.operations))
-        return pb.BatchResponse(results=results)
+        return pb.BatchResponse(results=await self._batch(request.operations, grant, context))
+
+    # The generated base class declares a response iterator; this handler writes its answers
+    # with context.write() instead, the other form grpc.aio takes, as they finish.
+    async def BatchStream(  # type: ignore[override]
+            self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        """Batch calls as the messages of one stream, each answered as it finishes (see the
+        proto): read, run and answer concurrently; one write on the stream at a time."""
+        writing = asyncio.Lock()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(message: pb.BatchStreamRequest) -> None:
+            reply = pb.BatchStreamResponse(id=message.id)
+            try:
+                reply.results.extend(await self._stream_batch(message, context))
+            except errors.LedgerError as error:
+                reply.status.CopyFrom(status_message(error))
+            async with writing:
+                try:
+                    await context.write(reply)
+                except Exception:  # the stream has ended (the client went away): nowhere to go
+                    log.debug("a BatchStream reply could not be written", exc_info=True)
+
+        me = asyncio.current_task()
+        assert me is not None
+        try:
+            if not self._closing.is_set():
+                self._reading.add(me)
+            while not self._closing.is_set():
+                try:
+                    message = await context.read()
+                except asyncio.CancelledError:
+                    if not self._closing.is_set():
+                        raise  # the client went away
+                    me.uncancel()  # close_streams: stop reading, finish what was taken
+                    break
+                if message is grpc.aio.EOF:
+                    break
+                if isinstance(message, Unparseable):
+                    raise errors.InvalidArgument(
+                        f"a BatchStream message could not be parsed ({message.problem})",
+                        field="request")
+                task = asyncio.ensure_future(answer(message))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            self._reading.discard(me)
+            if running:
+                await asyncio.gather(*running)
+        except errors.LedgerError as error:
+            await context.abort_with_status(to_status(error))
+            raise AssertionError("abort_with_status returns only by raising") from error
+        finally:
+            self._reading.discard(me)
+            for task in running:  # the stream failed: its answers have nowhere to go
+                task.cancel()
+
+    async def _stream_batch(self, message: pb.BatchStreamRequest,
+                            context: grpc.aio.ServicerContext) -> list[pb.BatchResult]:
+        """One batch of a BatchStream: refused whole (LedgerError) as its Batch call would be,
+        or run with as many slots taken as its Batch call would take."""
+        grant = self._batch_grant(message, context)
+        units = len(message.operations)  # the gate counts an empty batch as one
+        if self._batch_slots is None:
+            return await self._batch(message.operations, grant, context)
+        self._batch_slots.admit(units)
+        try:
+            return await self._batch(message.operations, grant, context)
+        finally:
+            self._batch_slots.leave(units)
+
+    def _batch_grant(self, request: pb.BatchRequest | pb.BatchStreamRequest,
+                     context: grpc.aio.ServicerContext) -> auth.Grant | None:
+        """The caller's grant for a batch (None without access control), once the batch itself
+        may be taken; LedgerError when it may not."""
+        grant = (None if self._tokens is None
+                 else self._tokens.authenticate(context.invocation_metadata()))
+        check_request(request)
+        if len(request.operations) > MAX_BATCH_OPERATIONS:
+            raise errors.InvalidArgument(
+                f"a Batch holds at most {MAX_BATCH_OPERATIONS} operations, not "
+                f"{len(request.operations)}", field="operations")
+        return grant
+
+    async def _batch(self, operations: Any, grant: auth.Grant | None,
+                     context: grpc.aio.ServicerContext) -> list[pb.BatchResult]:
+        return await asyncio.gather(*(self._operation(operation, grant, context)
+                                      for operation in operations))
 
     async def _operation(self, operation: pb.BatchOperation, grant: auth.Grant | None,
                          context: grpc.aio.ServicerContext) -> pb.BatchResult:

@@ -22,6 +22,7 @@ from casledger.service.cli import main
 from casledger.service.client import LedgerCallError, LedgerClient, call_metadata, connect
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
+from tests.support.batchstream import stream_one
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ CALLS: dict[str, Call] = {
     "Watch": lambda c: watch_first(c, "documents"),
     "GetRevision": lambda c: c.revision(),
     "Batch": lambda c: c.batch([pb.BatchOperation(get=pb.GetResourceRequest(name="documents/d1"))]),
+    "BatchStream": lambda c: stream_one(
+        c, [pb.BatchOperation(get=pb.GetResourceRequest(name="documents/d1"))]),
     "CreateResource": lambda c: c.create("documents", b"{}", resource_id="d2"),
     "UpdateResource": lambda c: c.replace("documents/d1", b"{}", precondition=PRE),
     "DeleteResource": lambda c: c.delete("documents/d1", precondition=PRE),

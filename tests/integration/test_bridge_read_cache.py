@@ -10,7 +10,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
 from tests.support import linearizability as lin
 from tests.support.metrics import bridge_metric
+from tests.support.polling import until
 
 from .conftest import BridgeFactory, RawCall, closed_port
 
@@ -52,12 +53,6 @@ def calls(server: RunningServer, rpc: str, code: str = "OK") -> float:
     value = server.metrics.registry.get_sample_value("casledger_grpc_requests_total",
                                                      {"rpc": rpc, "code": code})
     return 0.0 if value is None else value
-
-
-async def until(predicate: Callable[[], Awaitable[bool]]) -> None:
-    async with asyncio.timeout(10):
-        while not await predicate():  # noqa: ASYNC110 (a scrape has no event)
-            await asyncio.sleep(0.01)
 
 
 async def following(http: httpx.AsyncClient, up: bool = True) -> None:

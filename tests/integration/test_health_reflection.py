@@ -96,7 +96,10 @@ async def test_reflection_describes_the_ledger(channel: grpc.aio.Channel) -> Non
         "GetRevision": (".casledger.v1.GetRevisionRequest", ".casledger.v1.GetRevisionResponse",
                         False),
         "Batch": (".casledger.v1.BatchRequest", ".casledger.v1.BatchResponse", False),
+        "BatchStream": (".casledger.v1.BatchStreamRequest", ".casledger.v1.BatchStreamResponse",
+                        True),
     }
+    assert [m.name for m in service.method if m.client_streaming] == ["BatchStream"]
     messages = {m.name for m in ledger_file.message_type}
     assert {"Resource", "Precondition", "WatchEvent", "UpdateResourceRequest"} <= messages
     # Its import comes along too, so the client can resolve every type.

@@ -33,20 +33,12 @@ from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.client import LedgerCallError, connect, precondition
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
+from tests.support.batchstream import outcomes, stream_batches
 from tests.support.metrics import bridge_metric, scraped
+from tests.support.polling import until
 
 JSON = {"Content-Type": "application/json"}
 CREATE = {"If-None-Match": "*", **JSON}
-
-
-async def until(predicate: Callable[[], bool | Awaitable[bool]]) -> None:
-    """Poll until `predicate` holds (what it waits for has no event to await)."""
-    async with asyncio.timeout(10):
-        while True:
-            result = predicate()
-            if result if isinstance(result, bool) else await result:
-                return
-            await asyncio.sleep(0.005)
 
 
 def gauge(server: RunningServer, name: str, **labels: str) -> float:
@@ -148,6 +140,32 @@ async def test_a_batch_takes_a_slot_per_operation(tight_server: RunningServer) -
     assert isinstance(created, pb.Resource)
     assert [r.version for r in large if isinstance(r, pb.Resource)] == [1, 1, 1]
     assert absent.value.reason == "NOT_FOUND"  # the refused Batch wrote nothing
+    assert gauge(tight_server, "casledger_grpc_in_flight") == 0
+
+
+@pytest.mark.sqlite_only
+async def test_each_batch_of_a_stream_takes_a_slot_per_operation(
+        tight_server: RunningServer) -> None:
+    async with connect(tight_server.target) as client:
+        async with write_lock_held(tight_server):
+            held = asyncio.create_task(client.create("documents", b"{}", resource_id="r0"))
+            await until(lambda: gauge(tight_server, "casledger_grpc_in_flight") == 1)
+            # One slot left: a batch of two operations is refused whole, the stream goes on.
+            replies = await stream_batches(client.channel, [
+                (1, [pb.BatchOperation(create=pb.CreateResourceRequest(
+                    parent="documents", resource_id=i, content=b"{}")) for i in ("b1", "b2")]),
+            ])
+        await held
+        [after] = outcomes((await stream_batches(client.channel, [
+            (2, [pb.BatchOperation(get=pb.GetResourceRequest(name="documents/b1"))])]))[2])
+
+    refused = LedgerCallError.from_status_message(replies[1].status)
+    check_overloaded(refused)
+    assert "a Batch takes one per operation: this one 2" in refused.message
+    assert isinstance(after, LedgerCallError)
+    assert after.reason == "NOT_FOUND"  # the refused batch wrote nothing
+    assert gauge(tight_server, "casledger_grpc_shed_total",
+                 rpc="casledger.v1.Ledger/BatchStream") == 1
     assert gauge(tight_server, "casledger_grpc_in_flight") == 0
 
 

@@ -624,6 +624,65 @@ class BatchResponse(_message.Message):
 Global___BatchResponse: _TypeAlias = BatchResponse  # noqa: Y015
 
 @_typing.final
+class BatchStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The client's name for this batch, echoed by its response; unique among the stream's
+    unanswered batches.
+    """
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchOperation]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        operations: _abc.Iterable[Global___BatchOperation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "operations", b"operations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchStreamRequest: _TypeAlias = BatchStreamRequest  # noqa: Y015
+
+@_typing.final
+class BatchStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResult]:
+        """One per operation, in the order of the request; none when `status` is set."""
+
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """Set when the batch as a whole was refused (as a Batch call would have failed: too many
+        operations, OVERLOADED, a token no longer valid); none of its operations ran.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        results: _abc.Iterable[Global___BatchResult] | None = ...,
+        status: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "results", b"results", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchStreamResponse: _TypeAlias = BatchStreamResponse  # noqa: Y015
+
+@_typing.final
 class BatchResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -67,8 +67,17 @@ class LedgerStub:
     holds (same checks, same access rules with this call's credentials, same outcome), run as if
     all were made at the same moment: independent, in no particular order, not a transaction.
     Each result is the Resource or the google.rpc.Status (ErrorInfo in its details) that unary
-    call would have answered. The HTTP bridge carries its requests this way. At most 256
-    operations; the call itself fails only when it cannot be taken at all.
+    call would have answered. At most 256 operations; the call itself fails only when it cannot
+    be taken at all.
+    """
+    BatchStream: _grpc.StreamStreamMultiCallable[_ledger_pb2.BatchStreamRequest, _ledger_pb2.BatchStreamResponse]
+    """Batch calls as the messages of one long-lived stream: each request message is one batch
+    (same rules, same results as its Batch call), answered by one response message with the
+    same id as soon as it is done, so not necessarily in order. A batch that cannot be taken is
+    answered with a status and the stream goes on; a message that does not parse ends it
+    (INVALID_ARGUMENT). Each batch is authenticated as it comes. At shutdown the service stops
+    reading, answers the batches it took and ends the stream OK: an unanswered batch never ran.
+    Much cheaper than a call per batch: the HTTP bridge carries its requests this way.
     """
 
 @_typing.type_check_only
@@ -104,8 +113,17 @@ class LedgerAsyncStub(LedgerStub):
     holds (same checks, same access rules with this call's credentials, same outcome), run as if
     all were made at the same moment: independent, in no particular order, not a transaction.
     Each result is the Resource or the google.rpc.Status (ErrorInfo in its details) that unary
-    call would have answered. The HTTP bridge carries its requests this way. At most 256
-    operations; the call itself fails only when it cannot be taken at all.
+    call would have answered. At most 256 operations; the call itself fails only when it cannot
+    be taken at all.
+    """
+    BatchStream: _aio.StreamStreamMultiCallable[_ledger_pb2.BatchStreamRequest, _ledger_pb2.BatchStreamResponse]  # type: ignore[assignment]
+    """Batch calls as the messages of one long-lived stream: each request message is one batch
+    (same rules, same results as its Batch call), answered by one response message with the
+    same id as soon as it is done, so not necessarily in order. A batch that cannot be taken is
+    answered with a status and the stream goes on; a message that does not parse ends it
+    (INVALID_ARGUMENT). Each batch is authenticated as it comes. At shutdown the service stops
+    reading, answers the batches it took and ends the stream OK: an unanswered batch never ran.
+    Much cheaper than a call per batch: the HTTP bridge carries its requests this way.
     """
 
 class LedgerServicer(metaclass=_abc_1.ABCMeta):
@@ -192,8 +210,23 @@ class LedgerServicer(metaclass=_abc_1.ABCMeta):
         holds (same checks, same access rules with this call's credentials, same outcome), run as if
         all were made at the same moment: independent, in no particular order, not a transaction.
         Each result is the Resource or the google.rpc.Status (ErrorInfo in its details) that unary
-        call would have answered. The HTTP bridge carries its requests this way. At most 256
-        operations; the call itself fails only when it cannot be taken at all.
+        call would have answered. At most 256 operations; the call itself fails only when it cannot
+        be taken at all.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ledger_pb2.BatchStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.BatchStreamResponse], _abc.AsyncIterator[_ledger_pb2.BatchStreamResponse]]:
+        """Batch calls as the messages of one long-lived stream: each request message is one batch
+        (same rules, same results as its Batch call), answered by one response message with the
+        same id as soon as it is done, so not necessarily in order. A batch that cannot be taken is
+        answered with a status and the stream goes on; a message that does not parse ends it
+        (INVALID_ARGUMENT). Each batch is authenticated as it comes. At shutdown the service stops
+        reading, answers the batches it took and ends the stream OK: an unanswered batch never ran.
+        Much cheaper than a call per batch: the HTTP bridge carries its requests this way.
         """
 
 def add_LedgerServicer_to_server(servicer: LedgerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
