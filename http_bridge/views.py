@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,13 @@ from .conditional import format_http_date
 
 
 def http_date(ts: Timestamp) -> str:
-    return format_http_date(datetime.fromtimestamp(ts.seconds, UTC))
+    return _http_date(ts.seconds)
+
+
+@functools.lru_cache(maxsize=256)
+def _http_date(seconds: int) -> str:
+    # Under load most responses carry the same few seconds (Last-Modified of fresh writes).
+    return format_http_date(datetime.fromtimestamp(seconds, UTC))
 
 
 def rfc3339(ts: Timestamp) -> str:

@@ -63,6 +63,8 @@ class ServiceMetrics:
                                      "compare-and-swap rules, by reason", ("reason",), registry=r)
         self.watchers = Gauge("casledger_watchers", "Watchers subscribed to the ledger's commits",
                               registry=r)
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
         self.too_slow = Gauge("casledger_watchers_too_slow", "Watchers that fell too far behind: "
                               "nothing more is queued for them, they end at their next read",
                               registry=r)
@@ -76,8 +78,16 @@ class ServiceMetrics:
         self.too_slow.set_function(lambda: hub.overflowed)
 
     def observe(self, rpc: str, code: str, reason: str, duration_s: float) -> None:
-        self.requests.labels(rpc, code).inc()
-        self.latency.labels(rpc).observe(duration_s)
+        # The labelled children, looked up once each: labels() checks and locks on every call.
+        # Both keys are bounded: the service's methods, gRPC's codes.
+        counter = self._counters.get((rpc, code))
+        if counter is None:
+            counter = self._counters[(rpc, code)] = self.requests.labels(rpc, code)
+        counter.inc()
+        histogram = self._histograms.get(rpc)
+        if histogram is None:
+            histogram = self._histograms[rpc] = self.latency.labels(rpc)
+        histogram.observe(duration_s)
         if reason in CAS_REASONS:
             self.cas_conflicts.labels(reason).inc()
 

@@ -165,6 +165,14 @@ class Version:
     def etag(self) -> str:
         return etag_for(self.version, self.hash)
 
+    def without_content(self) -> Version:
+        """The same version with its content left out (`size` still tells its length). Built
+        field by field: dataclasses.replace takes twice as long, on every cached head."""
+        return Version(self.name, self.version, self.revision, b"", self.content_type,
+                       self.create_time_us, self.update_time_us, self.actor, self.reason,
+                       self.deleted, self.previous_hash, self.ledger_previous_hash, self.hash,
+                       self.size)
+
     @property
     def creates(self) -> bool:
         """Whether this version created (or re-created after a tombstone) its resource."""

@@ -28,7 +28,6 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +298,7 @@ class SQLiteStore:
 
     def _remember(self, name: str, head: Head) -> None:
         if head.latest.content:
-            head = Head(latest=replace(head.latest, content=b""),
+            head = Head(latest=head.latest.without_content(),
                         previous_update_time_us=head.previous_update_time_us)
         self._heads[name] = head
         self._heads.move_to_end(name)
