@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,33 +237,27 @@ class BatchingClient(LedgerClient):
             for call in calls]
         self.batches += 1
         self.batched_calls += len(calls)
-        if not self._no_streams:
-            await self._send_on_stream(identity, calls, operations)
-            return
-        request = pb.BatchRequest(operations=operations)
         try:
-            reply = await self.stub.Batch(
-                request, timeout=_remaining(max(call.deadline for call in calls)),
-                metadata=identity)
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._unsupported = True
-                await asyncio.gather(*(self._unary(call, identity) for call in calls))
-                return
-            _fail(calls, LedgerCallError.from_rpc_error(error))
+            results = await (self._in_call(identity, calls, operations) if self._no_streams
+                             else self._on_stream(identity, calls, operations))
+        except LedgerCallError as error:
+            _fail(calls, error)
             return
         except asyncio.CancelledError:  # at shutdown: no caller is left waiting
             for call in calls:
                 call.outcome.cancel()
             raise
         except Exception as exc:  # a bug: every caller gets it rather than hanging
-            log.error("a Batch call failed unexpectedly", exc_info=exc)
+            log.error("a batch failed unexpectedly", exc_info=exc)
             _fail(calls, exc)
             return
-        _deliver(calls, reply.results)
+        if results is not None:
+            _deliver(calls, results)
 
-    async def _send_on_stream(self, identity: Identity, calls: list[_Call],
-                              operations: list[pb.BatchOperation]) -> None:
+    async def _on_stream(self, identity: Identity, calls: list[_Call],
+                         operations: list[pb.BatchOperation]) -> Sequence[pb.BatchResult] | None:
+        """The batch's results by the identity's stream; None once every call has been
+        answered otherwise (its deadline, or unary calls); LedgerCallError for the batch."""
         stream = self._streams.get(identity)
         if stream is None or stream.ended is not None:
             stream = self._streams[identity] = _Stream(self.stub.BatchStream(metadata=identity))
@@ -271,26 +266,30 @@ class BatchingClient(LedgerClient):
             reply = await stream.send(operations, max(call.deadline for call in calls))
         except LedgerCallError as error:
             if error.code != grpc.StatusCode.UNIMPLEMENTED:
-                _fail(calls, error)
-                return
+                raise
             self._no_streams = True  # an older service: Batch calls
             self._streams.pop(identity, None)
-            await self._send(identity, calls)
-            return
-        except asyncio.CancelledError:  # at shutdown: no caller is left waiting
-            for call in calls:
-                call.outcome.cancel()
-            raise
-        except Exception as exc:  # a bug: every caller gets it rather than hanging
-            log.error("a BatchStream batch failed unexpectedly", exc_info=exc)
-            _fail(calls, exc)
-            return
+            return await self._in_call(identity, calls, operations)
         if reply is None:
-            return  # every call's deadline has passed: each one's timer failed it
+            return None  # every call's deadline has passed: each one's timer failed it
         if reply.HasField("status"):
-            _fail(calls, LedgerCallError.from_status_message(reply.status))
-            return
-        _deliver(calls, reply.results)
+            raise LedgerCallError.from_status_message(reply.status)
+        return reply.results
+
+    async def _in_call(self, identity: Identity, calls: list[_Call],
+                       operations: list[pb.BatchOperation]) -> Sequence[pb.BatchResult] | None:
+        """The batch's results by a Batch call (as _on_stream)."""
+        try:
+            reply: pb.BatchResponse = await self.stub.Batch(
+                pb.BatchRequest(operations=operations),
+                timeout=_remaining(max(call.deadline for call in calls)), metadata=identity)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise LedgerCallError.from_rpc_error(error) from None
+            self._unsupported = True  # older still: unary calls
+            await asyncio.gather(*(self._unary(call, identity) for call in calls))
+            return None
+        return reply.results
 
     def _reap(self, identity: Identity, stream: _Stream) -> None:
         """Close `stream` once it has been idle STREAM_IDLE_S (check again later if not)."""
