@@ -60,6 +60,8 @@ class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._histograms: dict[tuple[str, str], Histogram] = {}
         self.requests = Counter("casledger_http_requests", "HTTP requests answered, by method, "
                                 "route template and status", ("method", "route", "status"),
                                 registry=r)
@@ -129,8 +131,17 @@ class BridgeMetrics:
     def observe(self, method: str, route: str, status: int, duration_s: float,
                 reason: str = "") -> None:
         method = method if method in METHODS else "OTHER"
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(duration_s)
+        # The labelled children, looked up once each (labels() checks and locks every time);
+        # methods, route templates and statuses are few.
+        counter = self._counters.get((method, route, status))
+        if counter is None:
+            counter = self._counters[(method, route, status)] = self.requests.labels(
+                method, route, str(status))
+        counter.inc()
+        histogram = self._histograms.get((method, route))
+        if histogram is None:
+            histogram = self._histograms[(method, route)] = self.latency.labels(method, route)
+        histogram.observe(duration_s)
         if status in PRECONDITION_STATUSES:
             if status == 304:
                 reason = "NOT_MODIFIED"

@@ -108,10 +108,12 @@ class RequestObserver:
         method, path = scope["method"], scope["path"]
         route = route_template(path)
         self.metrics.observe(method, route, status, duration, reason)
+        level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
         client = scope.get("client")
         access_log.log(
-            logging.ERROR if status >= 500 and status not in (503, 504) else logging.INFO,
-            "%s %s %s", method, path[:_MAX_LOGGED_PATH], status, extra={
+            level, "%s %s %s", method, path[:_MAX_LOGGED_PATH], status, extra={
                 "method": method, "route": route, "path": path[:_MAX_LOGGED_PATH],
                 "status": status, "reason": reason or None,
                 "duration_ms": round(duration * 1000, 3),
