@@ -60,7 +60,8 @@ _HELP = {
     "log_format": "auto (text on a terminal, JSON lines otherwise), json or text",
     "max_in_flight": "requests (bridge) and unary calls (service) each process serves at once; "
                      "past it, refused at once with 503 / RESOURCE_EXHAUSTED (default 256)",
-    "max_watchers": "SSE streams (bridge) and Watch streams (service) each process keeps open; "
+    "max_watchers": "SSE streams (bridge) and Watch and BatchStream streams (service) each "
+                    "process keeps open; "
                     "past it, refused the same way (default 512)",
     "metrics_listen": "HOST:PORT where the service serves Prometheus metrics (default: off; "
                       "the bridge always serves GET /metrics)",

@@ -8,7 +8,7 @@
 2. admits the call through a :class:`~casledger.service.limits.Gate` — unary calls of the Ledger
    service through one (a Batch takes a slot per operation: it is that many calls' work, and so
    does each batch of a BatchStream, admitted by the servicer through :meth:`admit`), its
-   Watch streams through another — or refuses it at once with
+   long-lived streams (Watch, BatchStream) through another — or refuses it at once with
    RESOURCE_EXHAUSTED, reason OVERLOADED and ``retry_after_s`` (health checks and reflection are
    not limited: they must answer while the service is busy);
 3. records its status code (and the ErrorInfo reason of a refusal) and duration in
@@ -70,7 +70,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """Count a call (or a BatchStream's batch) refused for want of `units` slots of `gate`,
         and say why."""
         self.metrics.shed.labels(rpc).inc()
-        what = "Watch streams" if gate is self.streams else "calls"
+        what = "Watch and BatchStream streams" if gate is self.streams else "calls"
         if units > 1:
             what += f" (a Batch takes one per operation: this one {gate.weight(units)})"
         return errors.Overloaded(limit=gate.limit, what=what, retry_after_s=RETRY_AFTER_S)
@@ -99,8 +99,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=call.stream(
                 handler.unary_stream, self.streams if limited else None))
-        if handler.stream_stream is not None:
-            return handler._replace(stream_stream=call.stream(handler.stream_stream, None))
+        if handler.stream_stream is not None:  # BatchStream: long-lived, held like a Watch
+            return handler._replace(stream_stream=call.stream(
+                handler.stream_stream, self.streams if limited else None))
         return handler
 
 

@@ -4,7 +4,8 @@ A :class:`Gate` admits up to `limit` units of work and refuses the next one imme
 the bound, a caller is told to come back (RESOURCE_EXHAUSTED / OVERLOADED with
 ``retry_after_s`` over gRPC, 503 with ``Retry-After`` over HTTP) rather than made to wait in a
 queue that grows with the load and answers everyone late. The service keeps one gate for unary
-calls and one for Watch streams; the bridge one for requests and one for SSE streams.
+calls and one for its long-lived streams (Watch, BatchStream); the bridge one for requests and
+one for SSE streams.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ compare-and-swap refusal.
     casledger_grpc_request_duration_seconds{rpc}      latency (a Watch: how long it stayed open)
     casledger_grpc_in_flight                          unary calls being served (a Batch: one
                                                       per operation)
-    casledger_grpc_watch_streams                      Watch streams admitted
+    casledger_grpc_watch_streams                      Watch and BatchStream streams admitted
     casledger_grpc_shed_total{rpc}                    calls refused as OVERLOADED
     casledger_cas_conflicts_total{reason}             writes refused: VERSION_MISMATCH,
                                                       MODIFIED_SINCE, ALREADY_EXISTS,
@@ -55,8 +55,8 @@ class ServiceMetrics:
                                  ("rpc",), buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("casledger_grpc_in_flight", "Unary gRPC calls being served (a "
                                "Batch counts one per operation)", registry=r)
-        self.watch_streams = Gauge("casledger_grpc_watch_streams", "Watch streams admitted",
-                                   registry=r)
+        self.watch_streams = Gauge("casledger_grpc_watch_streams",
+                                   "Watch and BatchStream streams admitted", registry=r)
         self.shed = Counter("casledger_grpc_shed", "gRPC calls refused as OVERLOADED (the "
                             "in-flight or watcher bound was reached)", ("rpc",), registry=r)
         self.cas_conflicts = Counter("casledger_cas_conflicts", "Writes refused by the "

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp
 from casledger.http_bridge import sse
 from casledger.http_bridge.app import BridgeSettings, create_app
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
+from casledger.service.api.casledger.v1 import ledger_pb2_grpc as pb_grpc
 from casledger.service.client import LedgerCallError, connect, precondition
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
@@ -186,9 +187,35 @@ async def test_service_refuses_a_watch_past_max_watchers(tight_server: RunningSe
         again.close()
 
     check_overloaded(refused.value)
-    assert "limit of 1 in-flight Watch streams" in refused.value.message
+    assert "limit of 1 in-flight Watch and BatchStream streams" in refused.value.message
     assert created.version == 1
     assert gauge(tight_server, "casledger_grpc_shed_total", rpc="casledger.v1.Ledger/Watch") == 1
+
+
+async def test_a_batch_stream_holds_a_watcher_slot_while_it_is_open(
+        tight_server: RunningServer) -> None:
+    async with connect(tight_server.target) as client:
+        watch = await client.open_watch()
+        # The one slot is taken: the stream is refused as it opens, before any batch runs.
+        stream: Any = pb_grpc.LedgerStub(client.channel).BatchStream(timeout=10)
+        await stream.write(pb.BatchStreamRequest(id=1, operations=[pb.BatchOperation(
+            create=pb.CreateResourceRequest(parent="documents", resource_id="x",
+                                            content=b"{}"))]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stream.read()
+        watch.close()
+        await until(lambda: gauge(tight_server, "casledger_grpc_watch_streams") == 0)
+        # Free again: a new stream takes the slot and runs its batches.
+        [created] = outcomes((await stream_batches(client.channel, [
+            (2, [pb.BatchOperation(get=pb.GetResourceRequest(name="documents/x"))])]))[2])
+
+    error = LedgerCallError.from_rpc_error(refused.value)
+    check_overloaded(error)
+    assert "limit of 1 in-flight Watch and BatchStream streams" in error.message
+    assert isinstance(created, LedgerCallError)
+    assert created.reason == "NOT_FOUND"  # the refused stream ran nothing
+    assert gauge(tight_server, "casledger_grpc_shed_total",
+                 rpc="casledger.v1.Ledger/BatchStream") == 1
 
 
 # --- the bridge --------------------------------------------------------------------------------
