@@ -292,16 +292,19 @@ class BatchingClient(LedgerClient):
         return reply.results
 
     def _reap(self, identity: Identity, stream: _Stream) -> None:
-        """Close `stream` once it has been idle STREAM_IDLE_S (check again later if not)."""
-        if self._streams.get(identity) is not stream or stream.ended is not None:
-            return
+        """Close `stream` once it has been idle STREAM_IDLE_S (check again later if not), and
+        forget it once it has ended, so that an identity gone quiet keeps nothing."""
+        if self._streams.get(identity) is not stream:
+            return  # replaced, or the client is closing
         loop = asyncio.get_running_loop()
         idle = loop.time() - stream.last_used
-        if idle < STREAM_IDLE_S or stream.waiting:
+        if stream.ended is None and (idle < STREAM_IDLE_S or stream.waiting):
             loop.call_later(STREAM_IDLE_S - min(idle, STREAM_IDLE_S / 2), self._reap,
                             identity, stream)
             return
         del self._streams[identity]
+        if stream.ended is not None:
+            return
         closing = asyncio.ensure_future(stream.close())
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)

@@ -503,6 +503,18 @@ async def test_a_quiet_stream_is_closed_and_the_next_batch_opens_another(
         assert len(ledger._streams) == 1
 
 
+async def test_an_ended_stream_is_forgotten_even_if_its_caller_never_comes_back(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching_module, "STREAM_IDLE_S", 0.2)
+    async with connect(server.target, batching=True) as ledger:
+        assert isinstance(ledger, BatchingClient)
+        await ledger.create("documents", b"{}", resource_id="a")
+        [stream] = ledger._streams.values()
+        stream.call.cancel()  # as a broken connection would end it
+        await until(lambda: stream.ended is not None)
+        await until(lambda: not ledger._streams)
+
+
 async def test_a_restart_ends_the_stream_and_calls_go_on_over_a_new_one(
         settings: Settings) -> None:
     with socket.socket() as sock:
