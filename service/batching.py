@@ -265,10 +265,14 @@ class BatchingClient(LedgerClient):
         try:
             reply = await stream.send(operations, max(call.deadline for call in calls))
         except LedgerCallError as error:
-            if error.code != grpc.StatusCode.UNIMPLEMENTED:
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:
+                self._no_streams = True  # an older service: Batch calls
+                self._streams.pop(identity, None)
+            elif error.reason != "OVERLOADED":
                 raise
-            self._no_streams = True  # an older service: Batch calls
-            self._streams.pop(identity, None)
+            # The stream itself was refused (the service holds its most long-lived streams;
+            # a refusal of the batch would have come as its reply's status): nothing ran, and
+            # a Batch call is not bound by that limit.
             return await self._in_call(identity, calls, operations)
         if reply is None:
             return None  # every call's deadline has passed: each one's timer failed it

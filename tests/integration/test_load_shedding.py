@@ -31,6 +31,7 @@ from casledger.http_bridge import sse
 from casledger.http_bridge.app import BridgeSettings, create_app
 from casledger.service.api.casledger.v1 import ledger_pb2 as pb
 from casledger.service.api.casledger.v1 import ledger_pb2_grpc as pb_grpc
+from casledger.service.batching import BatchingClient
 from casledger.service.client import LedgerCallError, connect, precondition
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
@@ -216,6 +217,28 @@ async def test_a_batch_stream_holds_a_watcher_slot_while_it_is_open(
     assert created.reason == "NOT_FOUND"  # the refused stream ran nothing
     assert gauge(tight_server, "casledger_grpc_shed_total",
                  rpc="casledger.v1.Ledger/BatchStream") == 1
+
+
+async def test_a_batching_client_whose_stream_is_refused_sends_batch_calls(
+        tight_server: RunningServer) -> None:
+    async with connect(tight_server.target) as client, \
+            connect(tight_server.target, batching=True) as batching:
+        assert isinstance(batching, BatchingClient)
+        watch = await client.open_watch()  # the one long-lived stream the service allows
+        before = gauge(tight_server, "casledger_grpc_requests_total",
+                       rpc="casledger.v1.Ledger/Batch", code="OK")
+        created = await batching.create("documents", b"{}", resource_id="a")
+        after = gauge(tight_server, "casledger_grpc_requests_total",
+                      rpc="casledger.v1.Ledger/Batch", code="OK")
+        watch.close()
+        await until(lambda: gauge(tight_server, "casledger_grpc_watch_streams") == 0)
+        # With the slot free again, the next batch goes on a stream.
+        read = await batching.get("documents/a")
+        assert gauge(tight_server, "casledger_grpc_watch_streams") == 1
+
+    assert created.version == 1
+    assert after == before + 1  # the refused stream's batch went as a Batch call
+    assert read.version == 1
 
 
 # --- the bridge --------------------------------------------------------------------------------
