@@ -39,7 +39,7 @@ from prometheus_client import (
 from starlette.requests import Request
 from starlette.responses import Response
 
-from casledger.service.metrics import LATENCY_BUCKETS
+from casledger.service.metrics import LATENCY_BUCKETS, Children
 
 from .errors import HTTP_STATUS
 
@@ -60,8 +60,6 @@ class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self._counters: dict[tuple[str, str, int], Counter] = {}
-        self._histograms: dict[tuple[str, str], Histogram] = {}
         self.requests = Counter("casledger_http_requests", "HTTP requests answered, by method, "
                                 "route template and status", ("method", "route", "status"),
                                 registry=r)
@@ -69,6 +67,7 @@ class BridgeMetrics:
                                  "request's arrival to the end of its response (an SSE stream: "
                                  "how long it was open)", ("method", "route"),
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self._count, self._time = Children(self.requests), Children(self.latency)
         self.in_flight = Gauge("casledger_http_in_flight", "HTTP requests being served (SSE "
                                "streams apart)", registry=r)
         self.sse_streams = Gauge("casledger_http_sse_streams", "Server-Sent Events streams open",
@@ -131,17 +130,8 @@ class BridgeMetrics:
     def observe(self, method: str, route: str, status: int, duration_s: float,
                 reason: str = "") -> None:
         method = method if method in METHODS else "OTHER"
-        # The labelled children, looked up once each (labels() checks and locks every time);
-        # methods, route templates and statuses are few.
-        counter = self._counters.get((method, route, status))
-        if counter is None:
-            counter = self._counters[(method, route, status)] = self.requests.labels(
-                method, route, str(status))
-        counter.inc()
-        histogram = self._histograms.get((method, route))
-        if histogram is None:
-            histogram = self._histograms[(method, route)] = self.latency.labels(method, route)
-        histogram.observe(duration_s)
+        self._count(method, route, str(status)).inc()
+        self._time(method, route).observe(duration_s)
         if status in PRECONDITION_STATUSES:
             if status == 304:
                 reason = "NOT_MODIFIED"

@@ -42,6 +42,22 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    5.0, 10.0)
 
 
+class Children:
+    """The labelled children of one metric, each looked up once: prometheus_client's
+    ``labels()`` validates and takes a lock on every call, and these are counted per request.
+    Only for label values from a bounded set (methods, routes, status codes)."""
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class ServiceMetrics:
     """The metrics of one gRPC server."""
 
@@ -53,6 +69,7 @@ class ServiceMetrics:
         self.latency = Histogram("casledger_grpc_request_duration_seconds", "Time from the start "
                                  "of a gRPC call to its status (a Watch: how long it was open)",
                                  ("rpc",), buckets=LATENCY_BUCKETS, registry=r)
+        self._count, self._time = Children(self.requests), Children(self.latency)
         self.in_flight = Gauge("casledger_grpc_in_flight", "Unary gRPC calls being served (a "
                                "Batch counts one per operation)", registry=r)
         self.watch_streams = Gauge("casledger_grpc_watch_streams",
@@ -63,8 +80,6 @@ class ServiceMetrics:
                                      "compare-and-swap rules, by reason", ("reason",), registry=r)
         self.watchers = Gauge("casledger_watchers", "Watchers subscribed to the ledger's commits",
                               registry=r)
-        self._counters: dict[tuple[str, str], Counter] = {}
-        self._histograms: dict[str, Histogram] = {}
         self.too_slow = Gauge("casledger_watchers_too_slow", "Watchers that fell too far behind: "
                               "nothing more is queued for them, they end at their next read",
                               registry=r)
@@ -78,16 +93,8 @@ class ServiceMetrics:
         self.too_slow.set_function(lambda: hub.overflowed)
 
     def observe(self, rpc: str, code: str, reason: str, duration_s: float) -> None:
-        # The labelled children, looked up once each: labels() checks and locks on every call.
-        # Both keys are bounded: the service's methods, gRPC's codes.
-        counter = self._counters.get((rpc, code))
-        if counter is None:
-            counter = self._counters[(rpc, code)] = self.requests.labels(rpc, code)
-        counter.inc()
-        histogram = self._histograms.get(rpc)
-        if histogram is None:
-            histogram = self._histograms[rpc] = self.latency.labels(rpc)
-        histogram.observe(duration_s)
+        self._count(rpc, code).inc()
+        self._time(rpc).observe(duration_s)
         if reason in CAS_REASONS:
             self.cas_conflicts.labels(reason).inc()
 
