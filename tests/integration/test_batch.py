@@ -490,29 +490,33 @@ async def test_a_call_fails_at_its_deadline_even_if_its_batch_has_not_answered(
 # --- the batching client's streams ---------------------------------------------------------------
 
 
-async def test_a_quiet_stream_is_closed_and_the_next_batch_opens_another(
-        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+async def quick_idle(server: RunningServer, monkeypatch: pytest.MonkeyPatch
+                     ) -> AsyncIterator[BatchingClient]:
+    """A batching client whose streams count as idle after 0.2 s, with one stream open (it
+    created documents/a)."""
     monkeypatch.setattr(batching_module, "STREAM_IDLE_S", 0.2)
     async with connect(server.target, batching=True) as ledger:
         assert isinstance(ledger, BatchingClient)
         await ledger.create("documents", b"{}", resource_id="a")
         assert len(ledger._streams) == 1
-        # Closed by the client, then ended OK by the service.
-        await until(lambda: not ledger._streams and calls(server, "BatchStream") == 1)
-        assert (await ledger.get("documents/a")).version == 1
-        assert len(ledger._streams) == 1
+        yield ledger
+
+
+async def test_a_quiet_stream_is_closed_and_the_next_batch_opens_another(
+        quick_idle: BatchingClient, server: RunningServer) -> None:
+    # Closed by the client, then ended OK by the service.
+    await until(lambda: not quick_idle._streams and calls(server, "BatchStream") == 1)
+    assert (await quick_idle.get("documents/a")).version == 1
+    assert len(quick_idle._streams) == 1
 
 
 async def test_an_ended_stream_is_forgotten_even_if_its_caller_never_comes_back(
-        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batching_module, "STREAM_IDLE_S", 0.2)
-    async with connect(server.target, batching=True) as ledger:
-        assert isinstance(ledger, BatchingClient)
-        await ledger.create("documents", b"{}", resource_id="a")
-        [stream] = ledger._streams.values()
-        stream.call.cancel()  # as a broken connection would end it
-        await until(lambda: stream.ended is not None)
-        await until(lambda: not ledger._streams)
+        quick_idle: BatchingClient) -> None:
+    [stream] = quick_idle._streams.values()
+    stream.call.cancel()  # as a broken connection would end it
+    await until(lambda: stream.ended is not None)
+    await until(lambda: not quick_idle._streams)
 
 
 async def test_a_restart_ends_the_stream_and_calls_go_on_over_a_new_one(

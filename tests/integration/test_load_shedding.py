@@ -35,7 +35,7 @@ from casledger.service.batching import BatchingClient
 from casledger.service.client import LedgerCallError, connect, precondition
 from casledger.service.config import Settings
 from casledger.service.server import RunningServer, serve
-from tests.support.batchstream import outcomes, stream_batches
+from tests.support.batchstream import stream_batches, stream_one
 from tests.support.metrics import bridge_metric, scraped
 from tests.support.polling import until
 
@@ -158,8 +158,8 @@ async def test_each_batch_of_a_stream_takes_a_slot_per_operation(
                     parent="documents", resource_id=i, content=b"{}")) for i in ("b1", "b2")]),
             ])
         await held
-        [after] = outcomes((await stream_batches(client.channel, [
-            (2, [pb.BatchOperation(get=pb.GetResourceRequest(name="documents/b1"))])]))[2])
+        [after] = await stream_one(
+            client, [pb.BatchOperation(get=pb.GetResourceRequest(name="documents/b1"))])
 
     refused = LedgerCallError.from_status_message(replies[1].status)
     check_overloaded(refused)
@@ -207,8 +207,8 @@ async def test_a_batch_stream_holds_a_watcher_slot_while_it_is_open(
         watch.close()
         await until(lambda: gauge(tight_server, "casledger_grpc_watch_streams") == 0)
         # Free again: a new stream takes the slot and runs its batches.
-        [created] = outcomes((await stream_batches(client.channel, [
-            (2, [pb.BatchOperation(get=pb.GetResourceRequest(name="documents/x"))])]))[2])
+        [created] = await stream_one(
+            client, [pb.BatchOperation(get=pb.GetResourceRequest(name="documents/x"))])
 
     error = LedgerCallError.from_rpc_error(refused.value)
     check_overloaded(error)
